@@ -1,0 +1,3 @@
+from lmladder.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,209 @@
+"""lmladder command line: parse, build a RunConfig, call the ladder / report.
+
+Heavy libraries (torch, transformers, peft) are imported only when a command needs
+them, so ``lmladder --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from lmladder import __version__
+from lmladder.errors import LadderError
+
+log = logging.getLogger("lmladder")
+
+RUN_EPILOG = """\
+examples:
+  lmladder run examples/sst2.yaml
+  lmladder run --train train.jsonl --test test.jsonl --input-field text --label-field label \\
+      --rungs zero-shot,few-shot,lora --target accuracy=0.85 --out runs/mine
+  lmladder run examples/sst2.yaml --limit-test 50 --set few-shot.k=4 --set lora.epochs=2
+
+--set takes any config key (dotted, hyphens or underscores), e.g.:
+{keys}
+
+Model (--model): a Hugging Face id (e.g. Qwen/Qwen2.5-0.5B-Instruct), a local HF
+folder, a .gguf file, or the embedded default smollm2-135m (works offline).
+Rerunning into the same --out skips rungs already finished with the same settings.
+"""
+
+
+def _set_keys_help() -> str:
+    from lmladder.config import describe_fields
+
+    rows = [r for r in describe_fields() if r[0] not in ("task.kind",)]
+    width = max(len(k) for k, _, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {d} (default: {v})" for k, d, v in rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lmladder",
+        description="Climb the adaptation ladder on your task (zero-shot -> few-shot -> LoRA) "
+        "and get the cheapest rung that meets your target, with evidence.",
+    )
+    p.add_argument("--version", action="version", version=f"lmladder {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser(
+        "run",
+        help="run the ladder and write a report",
+        description="Run the rungs on one held-out split and recommend the cheapest that meets the target.",
+        epilog=RUN_EPILOG.format(keys=_set_keys_help()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument("config", nargs="?", help="YAML config (paths inside are relative to it)")
+    r.add_argument("--train", help="train file (JSONL, CSV, Parquet)")
+    r.add_argument("--test", help="test file; default: a seeded split of --train")
+    r.add_argument("--input-field", help="field with the model input (default: text)")
+    r.add_argument("--label-field", help="field with the label (default: label)")
+    r.add_argument("--labels", help="comma-separated label set (default: from train)")
+    r.add_argument("--instruction", help="task instruction shown to the model")
+    r.add_argument("--target", help="target score, METRIC=VALUE, e.g. accuracy=0.85")
+    r.add_argument("--rungs", help="comma-separated rungs (default: zero-shot,few-shot,lora)")
+    r.add_argument("--model", help="model: hub id, folder, .gguf, or smollm2-135m (default)")
+    r.add_argument("--limit-train", type=int, metavar="N", help="use at most N train examples (seeded)")
+    r.add_argument("--limit-test", type=int, metavar="N", help="use at most N test examples (seeded)")
+    r.add_argument("--seed", type=int, help="seed (default 0)")
+    r.add_argument("--out", help="run folder (default runs/<config name>)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    r.add_argument("--force", action="store_true", help="rerun rungs even if finished")
+    r.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
+
+    rep = sub.add_parser("report", help="rebuild results.json / report.md / report.html from a run folder")
+    rep.add_argument("run_dir", help="run folder written by `lmladder run`")
+    return p
+
+
+def _config_from_args(a) -> tuple:
+    from lmladder import config as C
+
+    raw: dict = C.read_yaml(a.config) if a.config else {}
+    flags = {
+        "data.train": a.train,
+        "data.test": a.test,
+        "data.input_field": a.input_field,
+        "data.label_field": a.label_field,
+        "data.limit_train": a.limit_train,
+        "data.limit_test": a.limit_test,
+        "task.instruction": a.instruction,
+        "model": a.model,
+        "seed": a.seed,
+        "out": a.out,
+    }
+    for key, value in flags.items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = key.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = os.path.abspath(value) if key in ("data.train", "data.test") else value
+    if a.rungs is not None:
+        raw["rungs"] = [x.strip() for x in a.rungs.split(",") if x.strip()]
+    if a.labels is not None:
+        raw.setdefault("task", {})["labels"] = [x.strip() for x in a.labels.split(",") if x.strip()]
+    if a.target is not None:
+        if "=" not in a.target:
+            raise LadderError(f"--target {a.target}: expected METRIC=VALUE, e.g. accuracy=0.85")
+        m, v = a.target.split("=", 1)
+        try:
+            raw.setdefault("task", {})["target"] = {m.strip(): float(v)}
+        except ValueError:
+            raise LadderError(f"--target {a.target}: '{v}' is not a number") from None
+    for s in a.set:
+        C.apply_set(raw, s)
+    cfg = C.build(raw)
+    return cfg
+
+
+def _summary(results: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    metric = results["metric"]
+    rec = results["recommendation"]
+    if results["rungs"]:
+        t = Table(title=f"lmladder: {metric} on {results['data'].get('test_used')} test examples")
+        for h in ("rung", f"{metric} [95% CI]", "trainable", "train s", "eval ex/s", "tok/call"):
+            t.add_column(h, justify="left" if h == "rung" else "right")
+        for r in results["rungs"]:
+            c = r["cost"]
+            mark = " *" if r["name"] == rec.get("rung") else ""
+            t.add_row(
+                r["name"] + mark,
+                f"{r['score']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]",
+                f"{c['trainable_params']:,}",
+                f"{c['train_seconds']:.0f}",
+                f"{c['eval_examples_per_second'] or 0:.1f}",
+                f"{c['prompt_tokens_per_example']:.0f}",
+            )
+        con.print(t)
+    con.print(f"[bold]Recommendation:[/bold] {rec.get('rung')} — {rec['reason']}")
+    con.print(f"Report: {out / 'report.html'}  (also report.md, results.json)")
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="lmladder: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("transformers", "peft", "accelerate", "httpx", "urllib3", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def cmd_run(a) -> int:
+    _setup_logging(a.quiet)
+    cfg = _config_from_args(a)
+    from lmladder import ladder
+
+    out = Path(cfg.out) if cfg.out else ladder.default_out(a.config)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+    results = ladder.run(cfg, out, force=a.force)
+    _summary(results, out)
+    return 0
+
+
+def cmd_report(a) -> int:
+    from lmladder import report
+
+    out = Path(a.run_dir)
+    results = report.build(out)
+    _summary(results, out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return {"run": cmd_run, "report": cmd_report}[a.command](a)
+    except LadderError as e:
+        print(f"lmladder: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("lmladder: interrupted; finished rungs are kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

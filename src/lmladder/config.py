@@ -1,0 +1,366 @@
+"""Typed configuration: the single source of truth for a run.
+
+A YAML file, CLI flags and ``--set key=value`` overrides all map onto
+:class:`RunConfig`. Field descriptions double as ``--help`` text and docs.
+Rung configs live here too (one class per rung) so that a run's whole
+configuration is visible in one place and validated before any model work.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lmladder.errors import LadderError
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data / task
+
+
+class DataConfig(_Config):
+    train: str | None = Field(None, description="Train file: JSONL, CSV or Parquet.")
+    test: str | None = Field(
+        None, description="Test file. When absent, a seeded split of `train` (see test_fraction)."
+    )
+    input_field: str = Field("text", description="Field holding the model input.")
+    label_field: str = Field("label", description="Field holding the gold label / answer.")
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of `train` held out as test when `test` is absent."
+    )
+    limit_train: int | None = Field(
+        None, ge=1, description="Use a seeded sample of at most N train examples."
+    )
+    limit_test: int | None = Field(
+        None, ge=1, description="Use a seeded sample of at most N test examples."
+    )
+
+
+class TaskConfig(_Config):
+    kind: Literal["classification"] = Field(
+        "classification", description="Task kind (this version: classification)."
+    )
+    instruction: str | None = Field(
+        None, description="What the model should do; a default is written from the label set."
+    )
+    labels: list[str] | None = Field(
+        None, description="Label set. Inferred from the train labels when absent."
+    )
+    metric: str = Field("accuracy", description="Primary metric (accuracy or macro_f1).")
+    target: dict[str, float] | None = Field(
+        None, description="Score to reach, e.g. {accuracy: 0.85}; drives the recommendation."
+    )
+    system_prompt: str | None = Field(
+        None, description="System message; None keeps the chat template's default."
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_nonempty(cls, v):
+        if v is not None:
+            if len(v) < 2:
+                raise ValueError("give at least two labels")
+            if any(not str(x).strip() for x in v):
+                raise ValueError("labels must be non-empty strings")
+            if len(set(v)) != len(v):
+                raise ValueError("labels must be distinct")
+        return v
+
+    @field_validator("target")
+    @classmethod
+    def _one_target(cls, v):
+        if v is not None and len(v) != 1:
+            raise ValueError("give exactly one metric, e.g. {accuracy: 0.85}")
+        return v
+
+
+class EvalConfig(_Config):
+    batch_size: int = Field(16, ge=1, description="Rows per forward pass when scoring.")
+    bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for the 95% CIs.")
+
+
+# --------------------------------------------------------------------------- rungs
+
+
+class ZeroShotConfig(_Config):
+    """Instruction + input through the chat template; no examples."""
+
+
+class FewShotConfig(_Config):
+    k: int = Field(8, ge=1, description="Number of in-context examples.")
+    balanced: bool = Field(True, description="Draw examples round-robin across labels.")
+
+
+class LoraConfig(_Config):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules to adapt (PEFT syntax)."
+    )
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (linear decay, warmup).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the train set.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after N optimizer steps.")
+    batch_size: int = Field(8, ge=1, description="Sequences per optimizer micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps used for warmup.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_length: int = Field(
+        1024, ge=8, description="Longest training sequence; longer ones are an error."
+    )
+
+
+# --------------------------------------------------------------------------- run
+
+
+class RunConfig(_Config):
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: str = Field(
+        "smollm2-135m",
+        description="HF hub id, local HF folder, .gguf file, or an embedded name (smollm2-135m).",
+    )
+    rungs: list[str] = Field(
+        default_factory=lambda: ["zero-shot", "few-shot", "lora"],
+        description="Rungs to climb (run and recommended in cost order).",
+    )
+    seed: int = Field(0, description="Seed for splits, example selection, training, bootstrap.")
+    out: str | None = Field(None, description="Run folder (default runs/<config name>).")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    zero_shot: ZeroShotConfig = Field(default_factory=ZeroShotConfig, alias="zero-shot")
+    few_shot: FewShotConfig = Field(default_factory=FewShotConfig, alias="few-shot")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    def rung_config(self, name: str) -> _Config:
+        return getattr(self, name.replace("-", "_"))
+
+    @property
+    def primary_metric(self) -> str:
+        if self.task.target:
+            return next(iter(self.task.target))
+        return self.task.metric
+
+
+# --------------------------------------------------------------------------- loading
+
+_PATH_KEYS = (("data", "train"), ("data", "test"))
+
+
+def _norm(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def _field_names(model: type[BaseModel]) -> dict[str, str]:
+    """Map accepted spellings (name, alias, hyphenated) to the canonical key used in dicts."""
+    out = {}
+    for name, f in model.model_fields.items():
+        key = f.alias or name
+        for spelling in {name, key, name.replace("_", "-")}:
+            out[spelling] = key
+    return out
+
+
+def _submodel(model: type[BaseModel], key: str):
+    for name, f in model.model_fields.items():
+        if key in (name, f.alias):
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                return ann
+            return None
+    return None
+
+
+def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to its 1-based line number."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = path + (str(k.value),)
+                lines[p] = k.start_mark.line + 1
+                walk(v, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                p = path + (str(i),)
+                lines[p] = v.start_mark.line + 1
+                walk(v, p)
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _canonical(raw: dict, model: type[BaseModel], path: str, origin: str) -> dict:
+    """Rename keys to their canonical spelling (``few_shot`` -> ``few-shot``), recursively
+    for config sections, so later flags and --set overrides land on the same key."""
+    names = _field_names(model)
+    out: dict = {}
+    for k, v in raw.items():
+        key = names.get(str(k), k)
+        if key in out:
+            raise LadderError(f"{origin}: '{path}{k}' is given twice (as '{key}' too)")
+        sub = _submodel(model, key) if key in names.values() else None
+        out[key] = _canonical(v, sub, f"{path}{key}.", origin) if sub and isinstance(v, dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LadderError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise LadderError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise LadderError(f"{path}:1: the config must be a mapping of keys (task, data, model, ...)")
+    raw = _canonical(raw, RunConfig, "", str(path))
+    # Paths in a YAML file are relative to that file, so a config runs from any folder.
+    base = path.resolve().parent
+    for section, key in _PATH_KEYS:
+        sec = raw.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get(key), str):
+            p = Path(sec[key]).expanduser()
+            sec[key] = str(p if p.is_absolute() else (base / p))
+    lines = {}
+    for p, line in _yaml_lines(text).items():
+        canon, model = [], RunConfig
+        for seg in p:
+            names = _field_names(model) if model else {}
+            key = names.get(seg, seg)
+            canon.append(key)
+            model = _submodel(model, key) if model else None
+        lines[tuple(canon)] = line
+    raw["__source__"] = (str(path), lines)
+    return raw
+
+
+def _check_key_path(dotted: str, origin: str) -> list[str]:
+    """Validate a dotted key against RunConfig's schema; return canonical segments."""
+    model: type[BaseModel] = RunConfig
+    out: list[str] = []
+    segments = dotted.split(".")
+    for i, seg in enumerate(segments):
+        names = _field_names(model)
+        if seg not in names:
+            where = ".".join(out) or "the config"
+            known = sorted(set(names.values()))
+            hint = difflib.get_close_matches(seg, list(names), n=1)
+            hint_s = f"; did you mean '{hint[0]}'?" if hint else ""
+            raise LadderError(
+                f"{origin}: unknown key '{seg}' in {where} (known: {', '.join(known)}){hint_s}"
+            )
+        out.append(names[seg])
+        rest = segments[i + 1 :]
+        if not rest:
+            break
+        sub = _submodel(model, names[seg])
+        if sub is not None:
+            model = sub
+            continue
+        field = next(f for n, f in model.model_fields.items() if names[seg] in (n, f.alias))
+        if "dict" in str(field.annotation):  # free-form mapping, e.g. task.target.accuracy
+            out.extend(rest)
+            break
+        raise LadderError(f"{origin}: '{'.'.join(out)}' takes a value, not sub-keys")
+    return out
+
+
+def _is_text_field(path: list[str]) -> bool:
+    model: type[BaseModel] | None = RunConfig
+    for key in path[:-1]:
+        model = _submodel(model, key) if model else None
+    if model is None:
+        return False
+    field = next((f for n, f in model.model_fields.items() if path[-1] in (n, f.alias)), None)
+    return field is not None and field.annotation in (str, str | None)
+
+
+def apply_set(raw: dict, assignment: str) -> None:
+    """Apply one ``--set key.path=value`` to a raw config dict (value parsed as YAML)."""
+    origin = f"--set {assignment}"
+    if "=" not in assignment:
+        raise LadderError(f"{origin}: expected key=value, e.g. --set few-shot.k=4")
+    key, value = assignment.split("=", 1)
+    if not key.strip():
+        raise LadderError(f"{origin}: empty key")
+    path = _check_key_path(key.strip(), origin)
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    if isinstance(parsed, (dict, list)) and _is_text_field(path):
+        parsed = value  # "--set task.instruction=Classify: yes or no" is text, not YAML
+    node = raw
+    for k in path[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[path[-1]] = parsed
+    raw.setdefault("__set__", {})[tuple(path)] = origin
+
+
+def build(raw: dict) -> RunConfig:
+    """Validate a raw dict into a RunConfig; errors name the file:line or --set flag."""
+    raw = dict(raw)
+    source, lines = raw.pop("__source__", (None, {}))
+    set_origins = raw.pop("__set__", {})
+    raw = _canonical(raw, RunConfig, "", "config")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(str(x) for x in err["loc"])
+        dotted = ".".join(loc)
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        origin = None
+        for path, flag in set_origins.items():
+            if tuple(loc[: len(path)]) == tuple(path):
+                origin = flag
+        if origin is None and source is not None:
+            line = None
+            for n in range(len(loc), 0, -1):
+                if loc[:n] in lines:
+                    line = lines[loc[:n]]
+                    break
+            origin = f"{source}:{line}" if line else source
+        origin = origin or "config"
+        raise LadderError(f"{origin}: {dotted}: {msg}") from None
+
+
+def dump(cfg: RunConfig) -> str:
+    """YAML snapshot of a config (with aliases, as a user would write it)."""
+    return yaml.safe_dump(cfg.model_dump(by_alias=True, mode="json"), sort_keys=False)
+
+
+def describe_fields() -> list[tuple[str, str, Any]]:
+    """(dotted key, description, default) for every leaf field; used by --help and docs."""
+    rows = []
+
+    def walk(model: type[BaseModel], prefix: str):
+        for name, f in model.model_fields.items():
+            key = prefix + (f.alias or name)
+            sub = _submodel(model, f.alias or name)
+            if sub is not None:
+                walk(sub, key + ".")
+            else:
+                default = f.default if f.default_factory is None else f.default_factory()
+                rows.append((key, f.description or "", default))
+
+    walk(RunConfig, "")
+    return rows

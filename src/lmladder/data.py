@@ -1,0 +1,154 @@
+"""Readers (JSONL, CSV, Parquet), field mapping, validation and seeded splits.
+
+Every problem is a :class:`LadderError` naming ``file:line: field 'name'`` so a user
+can open the file at the right place. Nothing is dropped silently: limits and
+splits are recorded in :class:`Dataset.info` and shown in the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from lmladder.config import DataConfig
+from lmladder.errors import LadderError, where
+
+
+@dataclass
+class Example:
+    id: str
+    input: str
+    label: str
+    source: str = ""  # "file:line", for error messages and predictions
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Dataset:
+    train: list[Example]
+    test: list[Example]
+    info: dict[str, Any]
+
+
+def _rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, row dict). Line numbers are 1-based file lines (CSV: the
+    line where the row ends; Parquet: 1-based row index)."""
+    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix == ".gz" else path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise LadderError(
+                        f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise LadderError(
+                        f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
+                    )
+                yield lineno, row
+    elif suffix in (".csv", ".tsv"):
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            for row in reader:
+                yield reader.line_num, row
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
+            yield i, row
+    else:
+        raise LadderError(f"{path}: unsupported file type '{path.suffix}' (use .jsonl, .csv or .parquet)")
+
+
+def read_examples(path: str | Path, cfg: DataConfig, role: str) -> list[Example]:
+    path = Path(path)
+    if not path.exists():
+        raise LadderError(f"{path}: {role} file not found (data.{role})")
+    if path.is_dir():
+        raise LadderError(f"{path}: {role} path is a folder, expected a file (data.{role})")
+    out = []
+    for lineno, row in _rows(path):
+        values = {}
+        for fld in (cfg.input_field, cfg.label_field):
+            if fld not in row:
+                present = ", ".join(sorted(map(str, row))) or "none"
+                raise LadderError(f"{where(path, lineno, fld)} missing (fields present: {present})")
+            v = row[fld]
+            if v is None or (isinstance(v, str) and not v.strip()):
+                raise LadderError(f"{where(path, lineno, fld)} is empty")
+            if isinstance(v, (dict, list)):
+                raise LadderError(
+                    f"{where(path, lineno, fld)} must be text, got {type(v).__name__}"
+                )
+            values[fld] = str(v)
+        out.append(
+            Example(
+                id=f"{path.stem}:{lineno}",
+                input=values[cfg.input_field],
+                label=values[cfg.label_field].strip(),
+                source=f"{path}:{lineno}",
+                fields=row,
+            )
+        )
+    if not out:
+        raise LadderError(f"{path}: no examples (data.{role} is empty)")
+    return out
+
+
+def _sample(examples: list[Example], n: int | None, seed: int) -> list[Example]:
+    if n is None or n >= len(examples):
+        return examples
+    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in keep]
+
+
+def load(cfg: DataConfig, seed: int, labels: list[str] | None = None) -> Dataset:
+    """Load train/test, split when there is no test file, apply limits, check labels."""
+    if not cfg.train:
+        raise LadderError("no train file: give --train PATH or data.train in the config")
+    train = read_examples(cfg.train, cfg, "train")
+    info: dict[str, Any] = {"train_file": str(cfg.train)}
+    if cfg.test:
+        test = read_examples(cfg.test, cfg, "test")
+        info["test_file"] = str(cfg.test)
+    else:
+        idx = list(range(len(train)))
+        random.Random(seed).shuffle(idx)
+        n_test = max(1, round(len(train) * cfg.test_fraction))
+        if n_test >= len(train):
+            raise LadderError(f"{cfg.train}: too few examples ({len(train)}) to split off a test set")
+        test_idx = set(idx[:n_test])
+        test = [e for i, e in enumerate(train) if i in test_idx]
+        train = [e for i, e in enumerate(train) if i not in test_idx]
+        info["test_file"] = f"{cfg.train} (seeded split, test_fraction={cfg.test_fraction})"
+    info["train_total"], info["test_total"] = len(train), len(test)
+    # Labels are inferred from, and checked on, every row: a limit must not hide a bad row
+    # or drop a label from the set.
+    label_set = list(labels) if labels else sorted({e.label for e in train})
+    known = set(label_set)
+    origin = "task.labels" if labels else "the train labels"
+    for e in train + test:
+        if e.label not in known:
+            path, line = e.source.rsplit(":", 1)
+            raise LadderError(
+                f"{where(path, line, cfg.label_field)}: label '{e.label}' is not in "
+                f"{origin} ({', '.join(label_set)})"
+            )
+    if len(label_set) < 2:
+        raise LadderError(
+            f"{cfg.train}: field '{cfg.label_field}': only one label ('{label_set[0]}'); "
+            "classification needs at least two"
+        )
+    train = _sample(train, cfg.limit_train, seed)
+    test = _sample(test, cfg.limit_test, seed + 1)
+    info["train_used"], info["test_used"] = len(train), len(test)
+    info["labels"] = label_set
+    return Dataset(train=train, test=test, info=info)

@@ -1,0 +1,1 @@
+"""Shared machinery the rungs call: log-likelihood scoring and SFT data/training glue."""

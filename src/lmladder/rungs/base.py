@@ -1,0 +1,44 @@
+"""The one small interface every rung implements.
+
+A rung turns (task, data, base model) into predictions on the test split:
+
+    prepare()   build prompts / example choices / training features (cheap, no training)
+    fit()       only rungs that train: update weights, save artifacts, return train stats
+    predict()   predictions for ``ctx.data.test`` in order, plus prompt-cost stats
+    close()     undo anything done to the shared base model
+
+A rung never scores its predictions (the task does) and never writes the report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+class Rung:
+    name: ClassVar[str]
+    cost_rank: ClassVar[int]  # position on the ladder: cheaper rungs first
+    trains: ClassVar[bool] = False
+    summary: ClassVar[str] = ""
+
+    def __init__(self, ctx, cfg, out_dir: Path):
+        self.ctx, self.cfg, self.out_dir = ctx, cfg, out_dir
+
+    def prepare(self) -> None:
+        pass
+
+    def fit(self) -> dict[str, Any]:
+        return {}
+
+    def predict(self) -> tuple[list[dict], dict[str, Any]]:
+        raise NotImplementedError
+
+    def trainable_params(self) -> int:
+        return 0
+
+    def artifacts(self) -> dict[str, str]:
+        return {}
+
+    def close(self) -> None:
+        pass

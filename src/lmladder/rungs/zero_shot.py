@@ -1,0 +1,19 @@
+"""zero-shot: the instruction and the input through the model's chat template."""
+
+from __future__ import annotations
+
+from lmladder.rungs.base import Rung
+
+
+class ZeroShot(Rung):
+    name = "zero-shot"
+    cost_rank = 0
+    summary = "instruction + input, no examples"
+
+    def prepare(self) -> None:
+        task = self.ctx.task
+        self.messages = [task.user_message(ex.input) for ex in self.ctx.data.test]
+
+    def predict(self):
+        model, _ = self.ctx.base()
+        return self.ctx.task.predict(model, self.ctx.fmt(), self.messages, desc=self.name)
