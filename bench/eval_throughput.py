@@ -92,13 +92,13 @@ def lmeval_requests(fmt, messages: list[str], labels: list[str]):
     reqs = []
     for m in messages:
         context = fmt.prompt(m)
-        for lab in labels:
+        for j, lab in enumerate(labels):  # idx = choice index, as lm-eval's own tasks set it
             reqs.append(
                 Instance(
                     request_type="loglikelihood",
                     doc={},
                     arguments=(context, fmt.answer_prefix() + lab),
-                    idx=len(reqs),
+                    idx=j,
                 )
             )
     return reqs

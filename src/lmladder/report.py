@@ -111,9 +111,13 @@ def plot(results: dict, path: Path) -> None:
             ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
         if results.get("target") is not None:
             ax.axhline(results["target"], color="tab:red", ls="--", lw=1, label=f"target {results['target']}")
-            ax.legend(loc="lower right", fontsize=8)
+            ax.legend(loc="best", fontsize=8)
         if logx:
+            from matplotlib.ticker import NullFormatter, ScalarFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (95% CI)")
