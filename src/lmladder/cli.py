@@ -77,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="rebuild results.json / report.md / report.html from a run folder")
     rep.add_argument("run_dir", help="run folder written by `lmladder run`")
+
+    # export / serve own their flags (lmladder/export.py, lmladder/serve.py: add_arguments + main);
+    # those modules import heavy libraries only inside main().
+    from lmladder import export, serve
+
+    export.add_arguments(
+        sub.add_parser("export", help="export a rung as adapter, merged model or GGUF", description=export.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
+    serve.add_arguments(
+        sub.add_parser("serve", help="OpenAI-compatible server for a run's base model + adapters", description=serve.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
     return p
 
 
@@ -176,7 +189,10 @@ def cmd_run(a) -> int:
     except ImportError:  # pragma: no cover
         pass
     results = ladder.run(cfg, out, force=a.force)
-    _summary(results, out)
+    from lmladder.engine.sft import is_main
+
+    if is_main():  # under torchrun, one summary
+        _summary(results, out)
     return 0
 
 
@@ -196,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if a.command in ("export", "serve"):
+            import importlib
+
+            return importlib.import_module(f"lmladder.{a.command}").main(a)
         return {"run": cmd_run, "report": cmd_report}[a.command](a)
     except LadderError as e:
         print(f"lmladder: error: {e}", file=sys.stderr)

@@ -10,6 +10,12 @@ Run folder layout::
 
 Rerunning into the same DIR skips a rung whose result.json carries the same
 fingerprint (config of the task, data files' content, model, seed, eval, rung).
+
+Under ``torchrun`` / ``accelerate launch`` (WORLD_SIZE > 1) every process runs this
+same code: global rank 0 alone decides (skip / rerun, reuse an adapter), writes every
+file and evaluates; the other ranks join only the weight-update rungs' training and
+wait at barriers otherwise, so nothing is written twice and nothing races. Rank 0's
+decisions are broadcast, so the run folder need not be on a shared filesystem.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +66,17 @@ class Context:
             t0 = time.perf_counter()
             log.info("loading model %s", self.cfg.model)
             self._model, self._tok, ref = load_causal_lm(self.cfg.model)
+            if ref.kind == "openai":  # served elsewhere: no local weights
+                self.model_info = {
+                    "spec": self.cfg.model,
+                    "kind": ref.kind,
+                    "path": ref.path,
+                    "endpoint": self._model.url,
+                    "parameters": None,
+                    "tokenizer": os.environ.get("LMLADDER_OPENAI_TOKENIZER") or None,
+                    "load_seconds": round(time.perf_counter() - t0, 2),
+                }
+                return self._model, self._tok
             n = sum(p.numel() for p in self._model.parameters())
             self.model_info = {
                 "spec": self.cfg.model,
@@ -94,6 +112,13 @@ class Context:
             "rung": rung,
             "rung_config": cfg.rung_config(rung).model_dump(mode="json"),
         }
+        from lmladder.engine import openai_backend
+
+        if openai_backend.is_openai(cfg.model):  # another server or tokenizer: other scores
+            payload["openai"] = {
+                "endpoint": os.environ.get("OPENAI_BASE_URL", "").rstrip("/"),
+                "tokenizer": os.environ.get("LMLADDER_OPENAI_TOKENIZER") or None,
+            }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -115,12 +140,27 @@ def validate(cfg: RunConfig):
             )
     if len(set(cfg.rungs)) != len(cfg.rungs):
         raise LadderError(f"rung listed twice in rungs: {', '.join(cfg.rungs)}")
+    from lmladder.engine import openai_backend
+
+    if openai_backend.is_openai(cfg.model):
+        for r in cfg.rungs:
+            if rung_mod.RUNGS[r].trains:
+                raise LadderError(openai_backend.TRAINING_ERROR.format(rung=r))
     metric_names = KINDS[cfg.task.kind].metric_names
     for m in [cfg.task.metric] + list(cfg.task.target or {}):
         if m not in metric_names:
             raise LadderError(
                 f"unknown metric '{m}' for {cfg.task.kind} (known: {', '.join(metric_names)})"
             )
+    from lmladder.engine import sft
+
+    world = sft.dist_env()[1]
+    for r in cfg.rungs:  # under N processes the global batch must split evenly
+        rc = cfg.rung_config(r)
+        if rung_mod.get(r).trains and hasattr(rc, "batch_size") and hasattr(rc, "grad_accum"):
+            sft.split_global_batch(rc.batch_size, rc.grad_accum, world)
+        if rung_mod.get(r).trains and sft.sharding_requested():
+            raise LadderError(sft.SHARDING_ERROR.format(what=" / ".join(sft.sharding_requested())))
     dataset = data_mod.load(cfg.data, cfg.seed, cfg.task.labels)
     from lmladder import models
 
@@ -133,17 +173,55 @@ def default_out(config_path: str | None) -> Path:
     return Path("runs") / name
 
 
+def _materialise_once(spec: str) -> None:
+    """Under N processes, convert an embedded / .gguf model to its safetensors cache
+    once instead of N racing conversions: global rank 0 first, then the first rank of
+    every other node (a no-op when the cache is on a shared filesystem)."""
+    from lmladder import models
+    from lmladder.engine import sft
+
+    ref = models.resolve(spec)
+    if ref.kind not in ("embedded", "gguf"):
+        return
+    rank, _, local_rank = sft.dist_env()
+    if rank == 0:
+        models.materialise(ref)
+    sft.barrier()
+    if local_rank == 0 and rank != 0:
+        models.materialise(ref)
+    sft.barrier()
+
+
+def _skip_decision(done: Path, fp: str, force: bool, name: str) -> bool:
+    """True when rungs/<name>/result.json is finished with the same fingerprint."""
+    if done.is_file() and not force:
+        prev = json.loads(done.read_text())
+        if prev.get("fingerprint") == fp:
+            log.info("%s: finished in an earlier run, skipping", name)
+            return True
+        log.info("%s: config changed since the earlier run, running again", name)
+    return False
+
+
 def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
     from lmladder import report
     from lmladder import rungs as rung_mod
     from lmladder.cost import Meter
+    from lmladder.engine import sft
     from lmladder.tasks import make_task
 
-    dataset = validate(cfg)  # before anything is written
+    distributed = sft.init_distributed()
+    main = sft.is_main()
+    if not main:  # one voice: the other ranks log warnings only
+        logging.getLogger("lmladder").setLevel(logging.WARNING)
+    dataset = validate(cfg)  # before anything is written (every rank validates)
+    if distributed:
+        _materialise_once(cfg.model)
     task = make_task(cfg.task, dataset.info["labels"], cfg.eval, cfg.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "config.yaml", config_mod.dump(cfg))
-    atomic_write_json(out_dir / "data.json", dataset.info)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.yaml", config_mod.dump(cfg))
+        atomic_write_json(out_dir / "data.json", dataset.info)
     ctx = Context(cfg, dataset, task, out_dir)
 
     order = sorted(cfg.rungs, key=lambda r: rung_mod.get(r).cost_rank)
@@ -152,15 +230,17 @@ def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
         rdir = out_dir / "rungs" / name
         fp = ctx.fingerprint(name)
         done = rdir / "result.json"
-        if done.is_file() and not force:
-            prev = json.loads(done.read_text())
-            if prev.get("fingerprint") == fp:
-                log.info("%s: finished in an earlier run, skipping", name)
-                continue
-            log.info("%s: config changed since the earlier run, running again", name)
-        if done.is_file():
-            done.unlink()
-        rdir.mkdir(parents=True, exist_ok=True)
+        skip = _skip_decision(done, fp, force, name) if main else None
+        if sft.broadcast(skip):  # rank 0 decides for everyone
+            continue
+        if not main and not cls.trains:
+            # inference rungs run on rank 0 only; wait for it (see docs/distributed.md)
+            sft.barrier()
+            continue
+        if main:
+            if done.is_file():
+                done.unlink()
+            rdir.mkdir(parents=True, exist_ok=True)
         ctx.base()  # load outside the rung's meter: the model is shared by all rungs
         rung = cls(ctx, cfg.rung_config(name), rdir)
         log.info("%s: %s", name, cls.summary)
@@ -168,12 +248,15 @@ def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
             with Meter() as total:
                 rung.prepare()
                 with Meter() as fit_m:
-                    fit_stats = rung.fit() if cls.trains else {}
+                    fit_stats = rung.fit() if cls.trains else {}  # every rank trains
                 with Meter() as pred_m:
-                    preds, pinfo = rung.predict()
+                    preds, pinfo = rung.predict() if main else (None, None)
                 trainable = rung.trainable_params()
         finally:
             rung.close()
+        if not main:
+            sft.barrier()  # rank 0 evaluates and writes this rung
+            continue
         golds = [task.answer(e) for e in dataset.test]
         scores = task.score(golds, [p["pred"] for p in preds])
         primary = cfg.primary_metric
@@ -212,4 +295,7 @@ def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
         log.info(
             "%s: %s %.3f [%.3f, %.3f]", name, primary, result["score"], *result["ci"]
         )
-    return report.build(out_dir)
+        if distributed:
+            sft.barrier()
+    results = report.build(out_dir) if main else None
+    return sft.broadcast(results)

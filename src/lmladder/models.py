@@ -6,7 +6,9 @@
   * a ``.gguf`` file (same conversion, cached);
   * a local Hugging Face folder (safetensors weights);
   * a Hugging Face hub id (the normal path online). When the hub is unreachable we
-    switch to offline mode at once instead of retrying for a minute.
+    switch to offline mode at once instead of retrying for a minute;
+  * ``openai:<model-name>``: a model served by an OpenAI-compatible endpoint
+    (``OPENAI_BASE_URL``), for inference rungs only (engine/openai_backend.py).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def cache_root() -> Path:
 @dataclass
 class ModelRef:
     spec: str  # what the user wrote
-    kind: str  # embedded | gguf | folder | hub
+    kind: str  # embedded | gguf | folder | hub | openai
     path: str  # folder to load with from_pretrained (after conversion) or hub id
     gguf: str | None = None  # source GGUF file for embedded/gguf kinds
 
@@ -66,6 +68,10 @@ def _package_dir(package: str) -> Path | None:
 
 def resolve(spec: str) -> ModelRef:
     """Decide what ``spec`` names, without loading anything heavy."""
+    from lmladder.engine import openai_backend
+
+    if openai_backend.is_openai(spec):
+        return ModelRef(spec, "openai", openai_backend.model_name(spec))
     if spec in EMBEDDED:
         emb = EMBEDDED[spec]
         pkg = _package_dir(emb.package)
@@ -149,6 +155,11 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def check_available(ref: ModelRef) -> bool:
     """Fail fast (before any work) if a hub model cannot be had; return local_files_only."""
+    if ref.kind == "openai":
+        from lmladder.engine import openai_backend
+
+        openai_backend.base_url()  # raises when OPENAI_BASE_URL is missing or malformed
+        return True
     if ref.kind != "hub":
         return True
     from huggingface_hub import try_to_load_from_cache
@@ -206,6 +217,11 @@ def load_causal_lm(spec: str, device: str | None = None, dtype: Any = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ref = resolve(spec)
+    if ref.kind == "openai":  # a remote server: the "model" is a client (inference only)
+        from lmladder.engine import openai_backend
+
+        model, tok = openai_backend.load(spec)
+        return model, tok, ref
     target, local_only = materialise(ref)
     dev, dt = pick_device()
     device, dtype = device or dev, dtype or dt

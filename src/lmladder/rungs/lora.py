@@ -4,12 +4,18 @@ Loss only on the answer tokens and the end-of-turn token (prompt masked), built
 through the chat template (see engine/sft.py). The adapter is saved as safetensors;
 if a finished adapter with the same fingerprint is already on disk (a run stopped
 after training), it is loaded instead of retrained.
+
+Under ``torchrun`` / ``accelerate launch`` every rank trains (DDP, same global batch
+as one process, see engine/sft.py); rank 0 alone decides on reuse, saves the adapter
+and evaluates.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
+from pathlib import Path
 
 from lmladder.io import atomic_dir
 from lmladder.rungs.base import Rung
@@ -56,21 +62,27 @@ class Lora(Rung):
         from lmladder.engine import sft
 
         model, tok = self.ctx.base()
+        main = sft.is_main()
         stamp = self.adapter_dir / "lmladder_fingerprint.txt"
-        if stamp.is_file() and stamp.read_text().strip() == self.ctx.fingerprint(self.name):
-            log.info("lora: reusing the trained adapter in %s", self.adapter_dir)
-            self.peft_model = PeftModel.from_pretrained(model, self.adapter_dir)
-            self.peft_model.eval()
+        reuse = main and stamp.is_file() and stamp.read_text().strip() == self.ctx.fingerprint(self.name)
+        if sft.broadcast(reuse):  # rank 0 decides; only it evaluates, so only it loads
+            if main:
+                log.info("lora: reusing the trained adapter in %s", self.adapter_dir)
+                self.peft_model = PeftModel.from_pretrained(model, self.adapter_dir)
+                self.peft_model.eval()
             return {"reused_adapter": True}
         self.peft_model = get_peft_model(model, self._peft_config())
-        work = self.out_dir / ".trainer"
+        # Trainer's scratch folder (nothing is saved there: save_strategy="no"); the
+        # other ranks use a private temp folder, never the run folder.
+        work = self.out_dir / ".trainer" if main else Path(tempfile.mkdtemp(prefix="lmladder-trainer-"))
         stats = sft.train(
             self.peft_model, tok, self.features, self.answers, self.cfg, work, self.ctx.cfg.seed
         )
         shutil.rmtree(work, ignore_errors=True)
-        with atomic_dir(self.adapter_dir) as tmp:
-            self.peft_model.save_pretrained(tmp, safe_serialization=True)
-            (tmp / "lmladder_fingerprint.txt").write_text(self.ctx.fingerprint(self.name) + "\n")
+        if main:
+            with atomic_dir(self.adapter_dir) as tmp:
+                self.peft_model.save_pretrained(tmp, safe_serialization=True)
+                (tmp / "lmladder_fingerprint.txt").write_text(self.ctx.fingerprint(self.name) + "\n")
         return stats
 
     def trainable_params(self) -> int:

@@ -28,6 +28,12 @@ class ClassificationTask:
 
     def predict(self, model, fmt: prompts.ChatFormat, messages: list[str], desc: str):
         """Score every label after each prompt; return (predictions, stats)."""
+        if hasattr(model, "label_loglikelihoods"):  # a remote backend (engine/openai_backend.py)
+            prompts = [fmt.prompt(m) for m in messages]
+            conts = [fmt.answer_prefix() + l for l in self.labels]
+            lls, info = model.label_loglikelihoods(prompts, conts, self.eval_cfg.batch_size)
+            return self._argmax(lls), info
+
         from lmladder.engine.scoring import loglikelihoods
 
         tok = fmt.tokenizer
@@ -41,16 +47,20 @@ class ClassificationTask:
             pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
             desc=desc,
         )
-        preds = []
-        for row in lls:
-            best = max(range(len(row)), key=lambda j: row[j])
-            preds.append({"pred": self.labels[best], "scores": dict(zip(self.labels, row))})
+        preds = self._argmax(lls)
         info = {
             "prompt_tokens_per_example": sum(map(len, prompt_ids)) / max(len(prompt_ids), 1),
             "shared_prefix_tokens": stats.prefix_tokens,
             "computed_tokens": stats.computed_tokens,
         }
         return preds, info
+
+    def _argmax(self, lls: list[list[float]]) -> list[dict]:
+        preds = []
+        for row in lls:
+            best = max(range(len(row)), key=lambda j: row[j])  # ties: first label in the set
+            preds.append({"pred": self.labels[best], "scores": dict(zip(self.labels, row))})
+        return preds
 
     def score(self, golds: list[str], preds: list[str]) -> dict[str, dict]:
         return metrics.classification_metrics(

@@ -1,0 +1,219 @@
+"""lmladder serve [RUN_DIR|MODEL] --host 127.0.0.1 --port 8000
+
+OpenAI-compatible server (FastAPI + uvicorn) for a run's base model and its LoRA
+adapters, or for a plain model:
+
+  GET  /v1/models            the base (as its spec name and as "base") + each adapter
+  POST /v1/chat/completions  chat through the model's chat template; stream=true -> SSE
+  POST /v1/completions       plain prompts; echo + logprobs + max_tokens=0 scores a prompt
+  GET  /health, GET /metrics (Prometheus text format)
+
+"model" in a request picks the base ("base" or its spec name) or an adapter by rung
+name (e.g. "lora"); --adapter NAME=PATH adds more. Adapters load on demand over the one
+base model (PEFT multi-adapter) and are kept in an LRU of --max-adapters. Concurrent
+requests are batched: one worker owns the model and decodes waiting requests together
+(PEFT mixed-adapter batches when they ask for different adapters).
+
+examples:
+  lmladder serve runs/sst2                       # base + the lora rung's adapter
+  lmladder serve smollm2-135m --port 8001        # a plain model
+  lmladder serve runs/sst2 --adapter v2=runs/sst2-v2/rungs/lora/adapter --api-key "$KEY"
+  curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+      -d '{"model": "lora", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}'
+
+Security: binds 127.0.0.1 by default (a loud warning when binding elsewhere); optional
+API key (--api-key or $LMLADDER_API_KEY, sent as 'Authorization: Bearer KEY'); request
+bodies and max_tokens are capped. See docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmladder.errors import LadderError
+
+log = logging.getLogger("lmladder.serve")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("target", nargs="?", metavar="RUN_DIR|MODEL",
+                   help="a run folder (base model from its config.yaml + adapters under rungs/*/adapter) "
+                   "or a model spec (hub id, folder, .gguf, smollm2-135m)")
+    p.add_argument("--model", help="base model spec; overrides the run folder's config.yaml model")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="serve one more PEFT LoRA adapter folder under NAME (repeatable)")
+    p.add_argument("--max-adapters", type=int, default=4, metavar="N",
+                   help="adapters kept loaded at once (LRU; default 4)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N",
+                   help="most requests (rows) decoded together (default 16)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, metavar="MS",
+                   help="how long the worker waits for more requests to fill a batch (default 10)")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="requests waiting beyond this get 503 (default 256)")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, metavar="N",
+                   help="largest max_tokens a request may ask for (default 1024; also chat's default)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
+                   help="largest request body (default 1 MiB)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: $LMLADDER_API_KEY)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+@dataclass
+class ServeSpec:
+    base_spec: str
+    base_name: str  # public name of the base model
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> adapter folder
+    run_dir: str | None = None
+
+
+def _is_adapter_dir(p: Path) -> bool:
+    return (p / "adapter_config.json").is_file() and any(
+        (p / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")
+    )
+
+
+def public_name(spec: str) -> str:
+    """The base's name in /v1/models: the spec if it is a valid name, else the folder/file stem."""
+    from lmladder.serving.api import valid_name
+
+    if valid_name(spec) and not Path(spec).expanduser().exists():
+        return spec
+    stem = Path(spec.rstrip("/")).name
+    if stem.lower().endswith(".gguf"):
+        stem = stem[:-5]
+    stem = "".join(c if c.isalnum() or c in "._-" else "-" for c in stem).lstrip("._-")[:64]
+    return stem if stem and valid_name(stem) else "model"
+
+
+def resolve_target(target: str | None, model: str | None = None, extra: list[str] = ()) -> ServeSpec:
+    """Work out base model + adapters from the positional target and flags (no heavy imports)."""
+    from lmladder.serving.api import valid_name
+
+    if not target and not model:
+        raise LadderError("serve: give a run folder or a model (e.g. `lmladder serve runs/sst2`)")
+    adapters: dict[str, str] = {}
+    run_dir = None
+    base = model
+    t = Path(target).expanduser() if target else None
+    if t is not None and t.is_dir() and (t / "config.yaml").is_file():
+        run_dir = str(t)
+        if base is None:
+            import yaml
+
+            try:
+                cfg = yaml.safe_load((t / "config.yaml").read_text()) or {}
+            except yaml.YAMLError as e:
+                raise LadderError(f"{t / 'config.yaml'}: not valid YAML ({e})") from None
+            base = cfg.get("model") if isinstance(cfg, dict) else None
+            if not isinstance(base, str) or not base:
+                raise LadderError(f"{t / 'config.yaml'}: no 'model:' (pass --model)")
+        rungs = t / "rungs"
+        for d in sorted(rungs.iterdir()) if rungs.is_dir() else []:
+            if _is_adapter_dir(d / "adapter"):
+                if not valid_name(d.name):
+                    log.warning("skipping adapter %s: '%s' is not a valid model name", d / "adapter", d.name)
+                    continue
+                adapters[d.name] = str((d / "adapter").resolve())
+    elif t is not None:
+        if t.is_dir() and _is_adapter_dir(t):
+            raise LadderError(f"{target}: this is an adapter folder; serve its base model and pass "
+                              f"--adapter NAME={target}")
+        if model is not None:
+            raise LadderError(f"{target}: not a run folder (no config.yaml); --model is only for run folders")
+        base = target
+    for a in extra:
+        if "=" not in a:
+            raise LadderError(f"--adapter {a}: expected NAME=PATH")
+        name, path = (x.strip() for x in a.split("=", 1))
+        if not valid_name(name) or "/" in name:
+            raise LadderError(f"--adapter {a}: name '{name}' must be letters, digits, '.', '_', '-'")
+        if not _is_adapter_dir(Path(path).expanduser()):
+            raise LadderError(f"--adapter {a}: {path} is not a PEFT adapter folder "
+                              "(adapter_config.json + adapter_model.safetensors)")
+        if name in adapters:
+            raise LadderError(f"--adapter {a}: name '{name}' is already served")
+        adapters[name] = str(Path(path).expanduser().resolve())
+    name = public_name(base)
+    for a in adapters:
+        if a in (name, "base"):
+            raise LadderError(f"adapter name '{a}' clashes with the base model's name")
+    return ServeSpec(base, name, adapters, run_dir)
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build(spec: ServeSpec, *, max_adapters=4, batch_size=16, batch_wait_ms=10.0, max_queue=256,
+          max_tokens_limit=1024, max_body_bytes=1 << 20, api_key=None, model_tok=None):
+    """Load the model, start the worker, return (app, engine). ``model_tok`` reuses a loaded pair."""
+    from lmladder.serving.api import Metrics, Settings, create_app
+    from lmladder.serving.engine import Engine
+
+    if model_tok is None:
+        from lmladder.models import load_causal_lm
+
+        model, tok, _ = load_causal_lm(spec.base_spec)
+    else:
+        model, tok = model_tok
+    for p in model.parameters():
+        p.requires_grad_(False)
+    metrics = Metrics()
+    engine = Engine(model, tok, spec.adapters, max_adapters=max_adapters, batch_size=batch_size,
+                    batch_wait_ms=batch_wait_ms, max_queue=max_queue, metrics=metrics)
+    settings = Settings(base_name=spec.base_name, adapters=list(spec.adapters), api_key=api_key or None,
+                        max_body_bytes=max_body_bytes, max_tokens_limit=max_tokens_limit)
+    app = create_app(engine, settings, metrics)
+    engine.start()
+    return app, engine
+
+
+def main(a) -> int:
+    for k, v in (("--max-adapters", a.max_adapters), ("--batch-size", a.batch_size), ("--max-queue", a.max_queue),
+                 ("--max-tokens-limit", a.max_tokens_limit), ("--max-body-bytes", a.max_body_bytes)):
+        if v < 1:
+            raise LadderError(f"{k} must be >= 1, got {v}")
+    if a.batch_wait_ms < 0:
+        raise LadderError(f"--batch-wait-ms must be >= 0, got {a.batch_wait_ms}")
+    if not 0 <= a.port <= 65535:
+        raise LadderError(f"--port {a.port}: not a port number")
+    logging.basicConfig(level=getattr(logging, a.log_level.upper()), format="lmladder: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "peft", "accelerate", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    spec = resolve_target(a.target, a.model, a.adapter)
+    api_key = a.api_key if a.api_key is not None else os.environ.get("LMLADDER_API_KEY") or None
+    if not _is_loopback(a.host):
+        bar = "!" * 78
+        log.warning("%s\nWARNING: binding %s: this server is reachable from other machines.%s\n%s", bar, a.host,
+                    "" if api_key else " NO API KEY is set:\nanyone who can reach the port can use the model "
+                    "(set --api-key or LMLADDER_API_KEY).", bar)
+    import uvicorn
+
+    log.info("loading %s", spec.base_spec)
+    app, engine = build(spec, max_adapters=a.max_adapters, batch_size=a.batch_size, batch_wait_ms=a.batch_wait_ms,
+                        max_queue=a.max_queue, max_tokens_limit=a.max_tokens_limit,
+                        max_body_bytes=a.max_body_bytes, api_key=api_key)
+    names = ", ".join([spec.base_name, "base", *spec.adapters])
+    log.info("serving %s on http://%s:%d/v1 (models: %s)%s", spec.base_spec, a.host, a.port, names,
+             "; API key required" if api_key else "")
+    try:
+        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, timeout_keep_alive=5,
+                    limit_concurrency=max(64, a.max_queue + 32))
+    finally:
+        engine.stop()
+    return 0
+
