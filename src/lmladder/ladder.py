@@ -298,4 +298,6 @@ def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
         if distributed:
             sft.barrier()
     results = report.build(out_dir) if main else None
-    return sft.broadcast(results)
+    results = sft.broadcast(results)
+    sft.shutdown_distributed()
+    return results

@@ -96,6 +96,19 @@ def init_distributed() -> bool:
     return True
 
 
+def shutdown_distributed() -> None:
+    """Final barrier, then tear the process group down. A rank that exits with the group
+    still alive can abort in gloo's threads at interpreter exit (seen on a resume where
+    no rung trained), so every distributed run ends here."""
+    if not is_distributed():
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if is_distributed():
         import torch.distributed as dist
