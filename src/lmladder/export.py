@@ -33,11 +33,13 @@ import logging
 import re
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmladder.errors import LadderError
+
+if TYPE_CHECKING:
+    from lmladder.ladder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -86,37 +88,17 @@ def add_arguments(p) -> None:
 # --------------------------------------------------------------------------- run folder
 
 
-@dataclass
-class RunInfo:
-    dir: Path
-    cfg: Any
-    labels: list[str]
-    finished: list[str]
+def load_run(run_dir: str | Path) -> RunFolder:
+    """The run folder, which must record its label set (export writes the rung's prompt)."""
+    from lmladder.ladder import read_run
+
+    run = read_run(run_dir)
+    if not run.labels:
+        raise LadderError(f"{run.dir / 'data.json'}: missing or has no 'labels'; rerun `lmladder run` into {run.dir}")
+    return run
 
 
-def load_run(run_dir: str | Path) -> RunInfo:
-    from lmladder import config as config_mod
-    from lmladder import rungs as rung_mod
-
-    d = Path(run_dir)
-    if not (d / "config.yaml").is_file():
-        raise LadderError(f"{d}: not a run folder (no config.yaml); give a folder written by `lmladder run`")
-    cfg = config_mod.build(config_mod.read_yaml(d / "config.yaml"))
-    data_json = d / "data.json"
-    try:
-        labels = list(json.loads(data_json.read_text())["labels"])
-    except (OSError, ValueError, KeyError):
-        labels = list(cfg.task.labels or [])
-    if not labels:
-        raise LadderError(f"{data_json}: missing or has no 'labels'; rerun `lmladder run` into {d}")
-    rank = {n: c.cost_rank for n, c in rung_mod.RUNGS.items()}
-    rdir = d / "rungs"
-    done = [p.name for p in rdir.iterdir() if (p / "result.json").is_file()] if rdir.is_dir() else []
-    done.sort(key=lambda n: (rank.get(n, 99), n))
-    return RunInfo(d, cfg, labels, done)
-
-
-def check_rung(run: RunInfo, rung: str) -> None:
+def check_rung(run: RunFolder, rung: str) -> None:
     if rung in run.finished:
         return
     from lmladder import rungs as rung_mod
@@ -129,12 +111,12 @@ def check_rung(run: RunInfo, rung: str) -> None:
     raise LadderError(f"rung '{rung}' is not finished in {run.dir} (no result.json; finished: {finished})")
 
 
-def adapter_dir(run: RunInfo, rung: str) -> Path | None:
+def adapter_dir(run: RunFolder, rung: str) -> Path | None:
     p = run.dir / "rungs" / rung / "adapter"
     return p if (p / "adapter_config.json").is_file() else None
 
 
-def prompt_spec(run: RunInfo, rung: str) -> dict:
+def prompt_spec(run: RunFolder, rung: str) -> dict:
     """What makes a rung besides weights: the prompt (and for few-shot, the shots)."""
     from lmladder.tasks import make_task
 
@@ -162,7 +144,7 @@ def prompt_spec(run: RunInfo, rung: str) -> dict:
     }
 
 
-def _verify_messages(run: RunInfo, rung: str, spec: dict) -> list[str]:
+def _verify_messages(run: RunFolder, rung: str, spec: dict) -> list[str]:
     inputs = []
     preds = run.dir / "rungs" / rung / "predictions.jsonl"
     if preds.is_file():
@@ -536,7 +518,7 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-") or "model"
 
 
-def _readme(fmt: str, rung: str, run: RunInfo, base_path: str, gguf_name: str | None) -> str:
+def _readme(fmt: str, rung: str, run: RunFolder, base_path: str, gguf_name: str | None) -> str:
     spec = run.cfg.model
     lines = [f"# lmladder export: rung `{rung}` as `{fmt}`", "",
              f"Run folder: `{run.dir.resolve()}`  ", f"Base model: `{spec}` (loaded from `{base_path}`)", ""]

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,35 @@ def validate(cfg: RunConfig):
 
     models.check_available(models.resolve(cfg.model))
     return dataset
+
+
+@dataclass
+class RunFolder:
+    """A run folder as written by :func:`run`: its validated config, label set and the
+    rungs finished in it (cost order). Read by export and serve."""
+
+    dir: Path
+    cfg: RunConfig
+    labels: list[str]
+    finished: list[str]
+
+
+def read_run(run_dir: str | Path) -> RunFolder:
+    from lmladder import rungs as rung_mod
+
+    d = Path(run_dir)
+    if not (d / "config.yaml").is_file():
+        raise LadderError(f"{d}: not a run folder (no config.yaml); give a folder written by `lmladder run`")
+    cfg = config_mod.build(config_mod.read_yaml(d / "config.yaml"))
+    try:
+        labels = list(json.loads((d / "data.json").read_text())["labels"])
+    except (OSError, ValueError, KeyError):
+        labels = list(cfg.task.labels or [])
+    rank = {n: c.cost_rank for n, c in rung_mod.RUNGS.items()}
+    rdir = d / "rungs"
+    done = [p.name for p in rdir.iterdir() if (p / "result.json").is_file()] if rdir.is_dir() else []
+    done.sort(key=lambda n: (rank.get(n, 99), n))
+    return RunFolder(d, cfg, labels, done)
 
 
 def default_out(config_path: str | None) -> Path:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -142,9 +143,13 @@ def convert_gguf(gguf: str | Path, out_dir: str | Path) -> Path:
 def _hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
+    return _probe(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)
+
+
+@functools.lru_cache(maxsize=None)  # validate() and the loader both ask: one probe per endpoint
+def _probe(endpoint: str, timeout: float) -> bool:
     from urllib.parse import urlparse
 
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     u = urlparse(endpoint)
     try:
         with socket.create_connection((u.hostname, u.port or 443), timeout=timeout):

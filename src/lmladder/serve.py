@@ -106,15 +106,9 @@ def resolve_target(target: str | None, model: str | None = None, extra: list[str
     if t is not None and t.is_dir() and (t / "config.yaml").is_file():
         run_dir = str(t)
         if base is None:
-            import yaml
+            from lmladder.ladder import read_run
 
-            try:
-                cfg = yaml.safe_load((t / "config.yaml").read_text()) or {}
-            except yaml.YAMLError as e:
-                raise LadderError(f"{t / 'config.yaml'}: not valid YAML ({e})") from None
-            base = cfg.get("model") if isinstance(cfg, dict) else None
-            if not isinstance(base, str) or not base:
-                raise LadderError(f"{t / 'config.yaml'}: no 'model:' (pass --model)")
+            base = read_run(t).cfg.model
         rungs = t / "rungs"
         for d in sorted(rungs.iterdir()) if rungs.is_dir() else []:
             if _is_adapter_dir(d / "adapter"):
