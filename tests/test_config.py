@@ -106,7 +106,7 @@ def test_set_overrides_yaml_hyphenated_leaf(tmp_path, yaml_key, setkey):
 
 
 def test_set_errors():
-    with pytest.raises(LadderError, match=r"--set few-shot\.kk=3: .*'kk'.*known: .*balanced, k"):
+    with pytest.raises(LadderError, match=r"--set few-shot\.kk=3: .*'kk'.*known: .*balanced, .*\bk\b"):
         C.apply_set({}, "few-shot.kk=3")
     with pytest.raises(LadderError, match=r"--set nosuch=1: .*'nosuch'"):
         C.apply_set({}, "nosuch=1")

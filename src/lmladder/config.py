@@ -32,6 +32,9 @@ class DataConfig(_Config):
     )
     input_field: str = Field("text", description="Field holding the model input.")
     label_field: str = Field("label", description="Field holding the gold label / answer.")
+    choices_field: str | None = Field(
+        None, description="multiple-choice: field holding each example's list of choices."
+    )
     test_fraction: float = Field(
         0.2, gt=0, lt=1, description="Share of `train` held out as test when `test` is absent."
     )
@@ -43,9 +46,13 @@ class DataConfig(_Config):
     )
 
 
+TASK_KINDS = ("classification", "math", "qa", "extraction", "multiple-choice", "generation")
+
+
 class TaskConfig(_Config):
-    kind: Literal["classification"] = Field(
-        "classification", description="Task kind (this version: classification)."
+    kind: Literal["classification", "math", "qa", "extraction", "multiple-choice", "generation"] = Field(
+        "classification",
+        description="Task kind: classification, math, qa, extraction, multiple-choice, generation.",
     )
     instruction: str | None = Field(
         None, description="What the model should do; a default is written from the label set."
@@ -53,12 +60,22 @@ class TaskConfig(_Config):
     labels: list[str] | None = Field(
         None, description="Label set. Inferred from the train labels when absent."
     )
-    metric: str = Field("accuracy", description="Primary metric (accuracy or macro_f1).")
+    metric: str | None = Field(
+        None, description="Primary metric; default per kind (accuracy, exact_match, f1, ...)."
+    )
     target: dict[str, float] | None = Field(
         None, description="Score to reach, e.g. {accuracy: 0.85}; drives the recommendation."
     )
     system_prompt: str | None = Field(
         None, description="System message; None keeps the chat template's default."
+    )
+    schema_: str | dict | list[str] | None = Field(
+        None,
+        alias="schema",
+        description="extraction: JSON Schema (file path or inline mapping) or a list of field names.",
+    )
+    metric_fn: str | None = Field(
+        None, description="generation: extra metric as 'module:function(pred, gold) -> float'."
     )
 
     @field_validator("labels")
@@ -83,19 +100,125 @@ class TaskConfig(_Config):
 
 class EvalConfig(_Config):
     batch_size: int = Field(16, ge=1, description="Rows per forward pass when scoring.")
+    gen_batch_size: int = Field(8, ge=1, description="Sequences per batch when generating.")
+    max_new_tokens: int = Field(
+        64, ge=1, description="Longest direct answer generated (reasoning rungs have their own)."
+    )
     bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for the 95% CIs.")
 
 
 # --------------------------------------------------------------------------- rungs
 
 
-class ZeroShotConfig(_Config):
+class _Constrainable(_Config):
+    constrained: bool = Field(
+        False,
+        description="Restrict decoding by a grammar (label set / answer regex / JSON Schema).",
+    )
+
+
+class ZeroShotConfig(_Constrainable):
     """Instruction + input through the chat template; no examples."""
 
 
-class FewShotConfig(_Config):
-    k: int = Field(8, ge=1, description="Number of in-context examples.")
+class FewShotConfig(_Constrainable):
+    k: int | Literal["max"] = Field(
+        8, description="In-context examples; 'max' = as many as fit the context (many-shot)."
+    )
     balanced: bool = Field(True, description="Draw examples round-robin across labels.")
+    selection: Literal["random", "similar"] = Field(
+        "random", description="random (seeded) or similar (k nearest train inputs by embedding)."
+    )
+    embedder: str = Field(
+        "all-minilm-l6-v2", description="Sentence embedder for selection: similar (embedded name, path or hub id)."
+    )
+    context_window: int | None = Field(
+        None, ge=64, description="Token budget for many-shot prompts; default: the model's context length."
+    )
+
+    @field_validator("k")
+    @classmethod
+    def _k_positive(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("k must be >= 1 or 'max'")
+        return v
+
+
+class _Reasoning(_Constrainable):
+    prompt: str = Field(
+        "Think step by step, then give the final answer on the last line as 'Answer: <answer>'.",
+        description="Reasoning instruction appended to the task instruction.",
+    )
+    thinking: Literal["auto", "prompt", "native"] = Field(
+        "auto",
+        description="native = the chat template's thinking mode (enable_thinking); auto uses it when the template has one.",
+    )
+    max_new_tokens: int = Field(256, ge=1, description="Longest reasoning + answer generated.")
+
+
+class CotConfig(_Reasoning):
+    """Greedy chain-of-thought, answer taken from the final part."""
+
+
+class _Sampled(_Reasoning):
+    n: int = Field(8, ge=1, description="Samples per example.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling top-p.")
+
+
+class SelfConsistencyConfig(_Sampled):
+    """N sampled reasoning paths, majority vote on the extracted answer."""
+
+
+class BestOfNConfig(_Sampled):
+    n: int = Field(4, ge=1, description="Candidates per example.")
+    verifier: Literal["auto", "programmatic", "judge"] = Field(
+        "auto", description="auto = the task's programmatic checker when it has one, else an LM judge."
+    )
+    judge_model: str | None = Field(None, description="Judge model (default: the model itself).")
+    judge_mode: Literal["pointwise", "ranking"] = Field(
+        "pointwise", description="pointwise: score each candidate 1-10; ranking: pick the best of all at once."
+    )
+
+
+class ConstrainedConfig(_Config):
+    engine: Literal["xgrammar", "llguidance"] = Field("xgrammar", description="Grammar engine.")
+    reasoning: bool = Field(False, description="Free reasoning first, then the constrained answer.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Default: eval.max_new_tokens.")
+
+
+class RagConfig(_Constrainable):
+    corpus: str | None = Field(None, description="Passages: JSONL (id, text), a text file, or a folder of .txt/.md.")
+    text_field: str = Field("text", description="Corpus JSONL field with the passage text.")
+    id_field: str = Field("id", description="Corpus JSONL field with the passage id.")
+    chunk_words: int = Field(200, ge=10, description="Chunk size in words (long passages are split).")
+    chunk_overlap: int = Field(40, ge=0, description="Words shared by consecutive chunks.")
+    top_k: int = Field(3, ge=1, description="Passages put in the prompt.")
+    retriever: Literal["bm25", "dense", "hybrid"] = Field("hybrid", description="Retrieval method.")
+    rrf_k: int = Field(60, ge=1, description="Reciprocal-rank-fusion constant (hybrid).")
+    embedder: str = Field("all-minilm-l6-v2", description="Dense retrieval embedder.")
+    query_writing: bool = Field(False, description="Let the model write the search query first.")
+    gold_field: str | None = Field(
+        "doc_id", description="Test field with the gold passage id (for recall@k), if present."
+    )
+
+
+class ToolsConfig(_Config):
+    tools: list[str] = Field(
+        default_factory=lambda: ["calculator"],
+        description="Tools: built-in names (calculator) or Python callables 'module:function'.",
+    )
+    max_steps: int = Field(4, ge=1, description="Most tool calls per example.")
+    format: Literal["auto", "template", "json"] = Field(
+        "auto", description="template = the chat template's tool format; json = a JSON call line; auto picks."
+    )
+    max_new_tokens: int = Field(256, ge=1, description="Longest model turn.")
+
+
+class PromptSearchConfig(_Constrainable):
+    variants: list[str] | None = Field(None, description="Instruction variants to try (besides the task's).")
+    generate: int = Field(4, ge=0, description="Variants written by the model itself.")
+    dev_size: int = Field(64, ge=4, description="Dev examples carved (seeded) from train for the search.")
 
 
 class LoraConfig(_Config):
@@ -136,6 +259,15 @@ class RunConfig(_Config):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     zero_shot: ZeroShotConfig = Field(default_factory=ZeroShotConfig, alias="zero-shot")
     few_shot: FewShotConfig = Field(default_factory=FewShotConfig, alias="few-shot")
+    cot: CotConfig = Field(default_factory=CotConfig)
+    self_consistency: SelfConsistencyConfig = Field(
+        default_factory=SelfConsistencyConfig, alias="self-consistency"
+    )
+    best_of_n: BestOfNConfig = Field(default_factory=BestOfNConfig, alias="best-of-n")
+    constrained: ConstrainedConfig = Field(default_factory=ConstrainedConfig)
+    rag: RagConfig = Field(default_factory=RagConfig)
+    tools: ToolsConfig = Field(default_factory=ToolsConfig)
+    prompt_search: PromptSearchConfig = Field(default_factory=PromptSearchConfig, alias="prompt-search")
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
     def rung_config(self, name: str) -> _Config:
@@ -145,12 +277,16 @@ class RunConfig(_Config):
     def primary_metric(self) -> str:
         if self.task.target:
             return next(iter(self.task.target))
-        return self.task.metric
+        if self.task.metric:
+            return self.task.metric
+        from lmladder.tasks import KINDS
+
+        return KINDS[self.task.kind].metric_names[0]
 
 
 # --------------------------------------------------------------------------- loading
 
-_PATH_KEYS = (("data", "train"), ("data", "test"))
+_PATH_KEYS = (("data", "train"), ("data", "test"), ("rag", "corpus"), ("task", "schema"))
 
 
 def _norm(key: str) -> str:

@@ -22,9 +22,15 @@ from lmladder.errors import LadderError, where
 class Example:
     id: str
     input: str
-    label: str
+    label: str  # the gold as text (lists / objects as JSON)
     source: str = ""  # "file:line", for error messages and predictions
-    fields: dict[str, Any] = field(default_factory=dict)
+    fields: dict[str, Any] = field(default_factory=dict)  # the whole row
+    target: Any = None  # the gold as read (a list of answers, entities, a choice index...)
+    choices: list[str] | None = None  # multiple-choice: this example's choices
+
+    def __post_init__(self):
+        if self.target is None:
+            self.target = self.label
 
 
 @dataclass
@@ -68,15 +74,60 @@ def _rows(path: Path) -> Iterator[tuple[int, dict]]:
         raise LadderError(f"{path}: unsupported file type '{path.suffix}' (use .jsonl, .csv or .parquet)")
 
 
-def read_examples(path: str | Path, cfg: DataConfig, role: str) -> list[Example]:
+# Kinds whose gold may be structured (a list of answers / entities, a choice index).
+_STRUCTURED_LABELS = {"qa", "extraction", "multiple-choice", "generation", "tagging"}
+
+
+def _text_input(v, loc: str) -> str:
+    if isinstance(v, list) and all(isinstance(t, str) for t in v):
+        return " ".join(v)  # pre-tokenised input (e.g. WNUT tokens)
+    if isinstance(v, (dict, list)):
+        raise LadderError(f"{loc} must be text or a list of tokens, got {type(v).__name__}")
+    return str(v)
+
+
+def _choices(row: dict, fld: str, loc: str) -> list[str]:
+    if fld not in row:
+        raise LadderError(f"{loc} missing (data.choices_field)")
+    v = row[fld]
+    if isinstance(v, dict):  # {"A": "...", "B": "..."}
+        v = list(v.values())
+    if not isinstance(v, list) or len(v) < 2 or any(not str(c).strip() for c in v):
+        raise LadderError(f"{loc} must be a list of at least two non-empty choices")
+    return [str(c) for c in v]
+
+
+def _choice_index(v, row: dict, choices: list[str], fld: str, loc: str) -> int:
+    """The gold choice as an index: an int, a letter key (A, B, ...), a key of a choices
+    mapping, or the choice text itself."""
+    keys = list(row[fld].keys()) if isinstance(row.get(fld), dict) else []
+    if isinstance(v, bool):
+        raise LadderError(f"{loc}: answer must be an index, a key or a choice, got {v!r}")
+    if isinstance(v, int) or (isinstance(v, str) and v.strip().isdigit() and not keys):
+        i = int(v)
+        if not 0 <= i < len(choices):
+            raise LadderError(f"{loc}: answer index {i} is out of range for {len(choices)} choices")
+        return i
+    s = str(v).strip()
+    if s in keys:
+        return keys.index(s)
+    if len(s) == 1 and s.upper() in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[: len(choices)]:
+        return "ABCDEFGHIJKLMNOPQRSTUVWXYZ".index(s.upper())
+    if s in choices:
+        return choices.index(s)
+    raise LadderError(f"{loc}: answer {s!r} is not a choice index, letter, key or choice text")
+
+
+def read_examples(path: str | Path, cfg: DataConfig, role: str, kind: str = "classification") -> list[Example]:
     path = Path(path)
     if not path.exists():
         raise LadderError(f"{path}: {role} file not found (data.{role})")
     if path.is_dir():
         raise LadderError(f"{path}: {role} path is a folder, expected a file (data.{role})")
+    structured = kind in _STRUCTURED_LABELS
     out = []
     for lineno, row in _rows(path):
-        values = {}
+        raw = {}
         for fld in (cfg.input_field, cfg.label_field):
             if fld not in row:
                 present = ", ".join(sorted(map(str, row))) or "none"
@@ -84,18 +135,33 @@ def read_examples(path: str | Path, cfg: DataConfig, role: str) -> list[Example]
             v = row[fld]
             if v is None or (isinstance(v, str) and not v.strip()):
                 raise LadderError(f"{where(path, lineno, fld)} is empty")
-            if isinstance(v, (dict, list)):
-                raise LadderError(
-                    f"{where(path, lineno, fld)} must be text, got {type(v).__name__}"
-                )
-            values[fld] = str(v)
+            if isinstance(v, list) and not v and not (structured and fld == cfg.label_field):
+                raise LadderError(f"{where(path, lineno, fld)} is empty")
+            raw[fld] = v
+        text = _text_input(raw[cfg.input_field], where(path, lineno, cfg.input_field))
+        target = raw[cfg.label_field]
+        choices = None
+        if isinstance(target, (dict, list)) and not structured:
+            raise LadderError(
+                f"{where(path, lineno, cfg.label_field)} must be text, got {type(target).__name__}"
+            )
+        if kind == "multiple-choice":
+            if not cfg.choices_field:
+                raise LadderError("multiple-choice needs data.choices_field (--choices-field NAME)")
+            choices = _choices(row, cfg.choices_field, where(path, lineno, cfg.choices_field))
+            target = _choice_index(
+                target, row, choices, cfg.choices_field, where(path, lineno, cfg.label_field)
+            )
+        label = target if isinstance(target, str) else json.dumps(target, ensure_ascii=False)
         out.append(
             Example(
                 id=f"{path.stem}:{lineno}",
-                input=values[cfg.input_field],
-                label=values[cfg.label_field].strip(),
+                input=text,
+                label=label.strip(),
                 source=f"{path}:{lineno}",
                 fields=row,
+                target=target.strip() if isinstance(target, str) else target,
+                choices=choices,
             )
         )
     if not out:
@@ -110,14 +176,17 @@ def _sample(examples: list[Example], n: int | None, seed: int) -> list[Example]:
     return [examples[i] for i in keep]
 
 
-def load(cfg: DataConfig, seed: int, labels: list[str] | None = None) -> Dataset:
-    """Load train/test, split when there is no test file, apply limits, check labels."""
+def load(
+    cfg: DataConfig, seed: int, labels: list[str] | None = None, kind: str = "classification"
+) -> Dataset:
+    """Load train/test, split when there is no test file, apply limits, check labels
+    (classification: every gold must be in the label set)."""
     if not cfg.train:
         raise LadderError("no train file: give --train PATH or data.train in the config")
-    train = read_examples(cfg.train, cfg, "train")
-    info: dict[str, Any] = {"train_file": str(cfg.train)}
+    train = read_examples(cfg.train, cfg, "train", kind)
+    info: dict[str, Any] = {"train_file": str(cfg.train), "kind": kind}
     if cfg.test:
-        test = read_examples(cfg.test, cfg, "test")
+        test = read_examples(cfg.test, cfg, "test", kind)
         info["test_file"] = str(cfg.test)
     else:
         idx = list(range(len(train)))
@@ -130,6 +199,12 @@ def load(cfg: DataConfig, seed: int, labels: list[str] | None = None) -> Dataset
         train = [e for i, e in enumerate(train) if i not in test_idx]
         info["test_file"] = f"{cfg.train} (seeded split, test_fraction={cfg.test_fraction})"
     info["train_total"], info["test_total"] = len(train), len(test)
+    if kind != "classification":
+        train = _sample(train, cfg.limit_train, seed)
+        test = _sample(test, cfg.limit_test, seed + 1)
+        info["train_used"], info["test_used"] = len(train), len(test)
+        info["labels"] = list(labels or [])
+        return Dataset(train=train, test=test, info=info)
     # Labels are inferred from, and checked on, every row: a limit must not hide a bad row
     # or drop a label from the set.
     label_set = list(labels) if labels else sorted({e.label for e in train})

@@ -147,8 +147,10 @@ def validate(cfg: RunConfig):
         for r in cfg.rungs:
             if rung_mod.RUNGS[r].trains:
                 raise LadderError(openai_backend.TRAINING_ERROR.format(rung=r))
+    if cfg.task.kind not in KINDS:
+        raise LadderError(f"task kind '{cfg.task.kind}' is not available (known: {', '.join(KINDS)})")
     metric_names = KINDS[cfg.task.kind].metric_names
-    for m in [cfg.task.metric] + list(cfg.task.target or {}):
+    for m in [m for m in [cfg.task.metric] if m] + list(cfg.task.target or {}):
         if m not in metric_names:
             raise LadderError(
                 f"unknown metric '{m}' for {cfg.task.kind} (known: {', '.join(metric_names)})"
@@ -162,7 +164,11 @@ def validate(cfg: RunConfig):
             sft.split_global_batch(rc.batch_size, rc.grad_accum, world)
         if rung_mod.get(r).trains and sft.sharding_requested():
             raise LadderError(sft.SHARDING_ERROR.format(what=" / ".join(sft.sharding_requested())))
-    dataset = data_mod.load(cfg.data, cfg.seed, cfg.task.labels)
+    dataset = data_mod.load(cfg.data, cfg.seed, cfg.task.labels, cfg.task.kind)
+    for r in cfg.rungs:  # rung-specific checks that need no model (corpus, tools, schema...)
+        check = getattr(rung_mod.get(r), "validate", None)
+        if check is not None:
+            check(cfg, dataset)
     from lmladder import models
 
     models.check_available(models.resolve(cfg.model))
@@ -287,13 +293,14 @@ def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
         if not main:
             sft.barrier()  # rank 0 evaluates and writes this rung
             continue
-        golds = [task.answer(e) for e in dataset.test]
+        golds = [task.gold(e) for e in dataset.test]
         scores = task.score(golds, [p["pred"] for p in preds])
         primary = cfg.primary_metric
         n_params = ctx.model_info.get("parameters") or 1
         n_test = len(dataset.test)
         rows = [
-            {"id": e.id, "source": e.source, "input": e.input, "gold": g, **p, "correct": p["pred"] == g}
+            {"id": e.id, "source": e.source, "input": e.input, "gold": g, **p,
+             "correct": bool(task.correct(p["pred"], g))}
             for e, g, p in zip(dataset.test, golds, preds)
         ]
         atomic_write_jsonl(rdir / "predictions.jsonl", rows)

@@ -29,15 +29,24 @@ def user_message(
     query: str,
     examples: Sequence[tuple[str, str]] = (),
     labels: Sequence[str] | None = None,
+    *,
+    answer_word: str = "Label",
+    hints: Sequence[str] = (),
+    context: str | None = None,
 ) -> str:
+    """The seeds' template. ``hints`` are extra instruction lines (answer format, the
+    reasoning request); ``context`` (retrieved passages) goes in its own section."""
     parts = ["# General instructions", instruction.strip()]
     if labels:
         parts.append(f"Answer with exactly one of: {', '.join(labels)}.")
+    parts.extend(h.strip() for h in hints if h and h.strip())
     text = "\n".join(parts) + "\n\n"
+    if context:
+        text += "# Context\n" + context.strip() + "\n\n"
     if examples:
         text += "# Examples\n"
-        text += "\n\n".join(f"Input: {x}\nLabel: {y}" for x, y in examples) + "\n\n"
-    text += f"# Target question\nInput: {query}\nLabel:"
+        text += "\n\n".join(f"Input: {x}\n{answer_word}: {y}" for x, y in examples) + "\n\n"
+    text += f"# Target question\nInput: {query}\n{answer_word}:"
     return text
 
 

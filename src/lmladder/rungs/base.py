@@ -2,6 +2,7 @@
 
 A rung turns (task, data, base model) into predictions on the test split:
 
+    validate()  (classmethod, optional) config checks that need no model, before any write
     prepare()   build prompts / example choices / training features (cheap, no training)
     fit()       only rungs that train: update weights, save artifacts, return train stats
     predict()   predictions for ``ctx.data.test`` in order, plus prompt-cost stats
@@ -21,6 +22,11 @@ class Rung:
     cost_rank: ClassVar[int]  # position on the ladder: cheaper rungs first
     trains: ClassVar[bool] = False
     summary: ClassVar[str] = ""
+
+    @classmethod
+    def validate(cls, cfg, dataset) -> None:
+        """Optional: checks that need no model (a corpus that exists, tools that import,
+        a grammar that compiles); raise LadderError. Runs before anything is written."""
 
     def __init__(self, ctx, cfg, out_dir: Path):
         self.ctx, self.cfg, self.out_dir = ctx, cfg, out_dir

@@ -44,8 +44,7 @@ class FewShot(Rung):
     def prepare(self) -> None:
         task = self.ctx.task
         self.shots = select_balanced(self.ctx.data.train, self.cfg.k, self.ctx.cfg.seed, self.cfg.balanced)
-        pairs = [(e.input, task.answer(e)) for e in self.shots]
-        self.messages = [task.user_message(ex.input, pairs) for ex in self.ctx.data.test]
+        self.messages = [task.user_message(ex, self.shots) for ex in self.ctx.data.test]
 
     def predict(self):
         model, _ = self.ctx.base()
@@ -53,7 +52,10 @@ class FewShot(Rung):
             self.out_dir / "shots.json",
             [{"id": e.id, "input": e.input, "label": e.label} for e in self.shots],
         )
-        return self.ctx.task.predict(model, self.ctx.fmt(), self.messages, desc=self.name)
+        return self.ctx.task.predict(
+            model, self.ctx.fmt(), self.messages, self.ctx.data.test, desc=self.name,
+            constrained=self.cfg.constrained, engine=self.ctx.cfg.constrained.engine,
+        )
 
     def artifacts(self):
         return {"shots": "shots.json"}

@@ -12,8 +12,11 @@ class ZeroShot(Rung):
 
     def prepare(self) -> None:
         task = self.ctx.task
-        self.messages = [task.user_message(ex.input) for ex in self.ctx.data.test]
+        self.messages = [task.user_message(ex) for ex in self.ctx.data.test]
 
     def predict(self):
         model, _ = self.ctx.base()
-        return self.ctx.task.predict(model, self.ctx.fmt(), self.messages, desc=self.name)
+        return self.ctx.task.predict(
+            model, self.ctx.fmt(), self.messages, self.ctx.data.test, desc=self.name,
+            constrained=self.cfg.constrained, engine=self.ctx.cfg.constrained.engine,
+        )

@@ -1,5 +1,6 @@
 """Task kinds: how a target is rendered, how predictions are made from a model and a
-prompt, and how they are scored. A task never knows which rung built the prompts."""
+prompt, and how they are scored. A task never knows which rung built the prompts.
+The interface is tasks/base.py."""
 
 from __future__ import annotations
 

@@ -1,37 +1,73 @@
-"""Classification: pick the label with the highest log-likelihood after the prompt."""
+"""Classification: pick the label with the highest log-likelihood after the prompt
+(as lm-eval scores choices); reasoning / constrained rungs generate and parse instead."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import re
 
 from lmladder import metrics, prompts
-from lmladder.config import EvalConfig, TaskConfig
+from lmladder.tasks.base import Grammar, Task, final_part, generate_answers
 
 
-class ClassificationTask:
+class ClassificationTask(Task):
     kind = "classification"
     metric_names = ("accuracy", "macro_f1")
+    generative = False
+    answer_word = "Label"
 
-    def __init__(self, cfg: TaskConfig, labels: Sequence[str], eval_cfg: EvalConfig, seed: int):
-        self.cfg, self.labels, self.eval_cfg, self.seed = cfg, list(labels), eval_cfg, seed
+    def default_instruction(self) -> str:
+        return prompts.default_instruction(self.labels)
 
-    @property
-    def instruction(self) -> str:
-        return self.cfg.instruction or prompts.default_instruction(self.labels)
+    def user_message(self, x, examples=(), *, reasoning=None, context=None, instruction=None) -> str:
+        q = x if isinstance(x, str) else self.query(x)
+        pairs = [e if isinstance(e, tuple) else (self.query(e), self.answer(e)) for e in examples]
+        return prompts.user_message(
+            instruction or self.instruction, q, pairs, self.labels,
+            answer_word=self.answer_word, hints=[reasoning] if reasoning else (), context=context,
+        )
 
-    def user_message(self, query: str, examples: Sequence[tuple[str, str]] = ()) -> str:
-        return prompts.user_message(self.instruction, query, examples, self.labels)
-
-    def answer(self, example) -> str:
-        """The assistant's answer text for training and in-context examples."""
+    def gold(self, example):
         return example.label
 
-    def predict(self, model, fmt: prompts.ChatFormat, messages: list[str], desc: str):
+    def parse(self, text, example=None):
+        t = text.strip().strip(".!\"'`*").strip()
+        for l in self.labels:
+            if t == l:
+                return l, None
+        low = {l.lower(): l for l in self.labels}
+        if t.lower() in low:
+            return low[t.lower()], None
+        return self._last_mention(t)
+
+    def extract(self, text, example=None):
+        part = final_part(text)
+        p, err = self.parse(part) if part else (None, "empty output")
+        if p is None:  # no "Answer:" line: the last label named anywhere
+            return self._last_mention(text)
+        return p, err
+
+    def _last_mention(self, text):
+        best, pos = None, -1
+        for l in self.labels:
+            for m in re.finditer(r"(?<![\w-])" + re.escape(l) + r"(?![\w-])", text, re.IGNORECASE):
+                if m.start() > pos:
+                    best, pos = l, m.start()
+        if best is None:
+            return None, f"no label ({', '.join(self.labels)}) in the output"
+        return best, None
+
+    def grammar(self, example=None):
+        return Grammar("choice", list(self.labels))
+
+    def predict(self, model, fmt, messages, examples=None, desc="", constrained=False, engine="xgrammar"):
         """Score every label after each prompt; return (predictions, stats)."""
+        if constrained:
+            return generate_answers(self, model, fmt, messages, examples, desc=desc,
+                                    constrained=True, engine=engine)
         if hasattr(model, "label_loglikelihoods"):  # a remote backend (engine/openai_backend.py)
-            prompts = [fmt.prompt(m) for m in messages]
+            texts = [fmt.prompt(m) for m in messages]
             conts = [fmt.answer_prefix() + l for l in self.labels]
-            lls, info = model.label_loglikelihoods(prompts, conts, self.eval_cfg.batch_size)
+            lls, info = model.label_loglikelihoods(texts, conts, self.eval_cfg.batch_size)
             return self._argmax(lls), info
 
         from lmladder.engine.scoring import loglikelihoods
@@ -62,7 +98,11 @@ class ClassificationTask:
             preds.append({"pred": self.labels[best], "scores": dict(zip(self.labels, row))})
         return preds
 
+    def verify(self, pred, example):
+        return None
+
     def score(self, golds: list[str], preds: list[str]) -> dict[str, dict]:
+        preds = ["" if p is None else p for p in preds]
         return metrics.classification_metrics(
             preds, golds, self.labels, n_boot=self.eval_cfg.bootstrap, seed=self.seed
         )

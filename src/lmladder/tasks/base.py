@@ -1,0 +1,192 @@
+"""The task interface: how a target is rendered, parsed and scored.
+
+A task kind knows its data (what the gold is, how an answer is written), how a free-text
+output is turned into a prediction (``parse`` for a direct answer, ``extract`` for the
+final part of a reasoning text), how predictions are scored (metrics with bootstrap CIs),
+its grammar for constrained decoding and, when it has one, a programmatic verifier.
+It never knows which rung built the prompt.
+
+Predictions are dicts: ``{"pred": value or None, "raw": model text, "error": reason or
+None, ...}``; an unparseable output is ``pred=None`` with the reason, counted wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from lmladder import prompts
+
+ANSWER_RE = re.compile(r"(?:final answer|answer)\s*(?:is)?\s*[:：]\s*", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """What constrained decoding enforces: ``choice`` (a list of strings), ``regex``
+    (a pattern string) or ``json_schema`` (a schema dict)."""
+
+    kind: str
+    value: Any
+
+
+def mean_ci(values: Sequence[float], n_boot: int, seed: int) -> dict:
+    """Mean of per-example values with a seeded 95% percentile-bootstrap CI."""
+    v = np.asarray(values, dtype=float)
+    if len(v) == 0:
+        return {"value": 0.0, "ci": [0.0, 0.0]}
+    idx = np.random.default_rng(seed).integers(0, len(v), size=(n_boot, len(v)))
+    b = v[idx].mean(1)
+    return {"value": float(v.mean()), "ci": [float(np.percentile(b, 2.5)), float(np.percentile(b, 97.5))]}
+
+
+def final_part(text: str) -> str:
+    """The text after the last 'Answer:' marker (reasoning outputs), else the last
+    non-empty line."""
+    ms = list(ANSWER_RE.finditer(text))
+    if ms:
+        return text[ms[-1].end():].strip()
+    lines = [l for l in text.strip().splitlines() if l.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+class Task:
+    kind: ClassVar[str] = ""
+    metric_names: ClassVar[tuple[str, ...]] = ()
+    generative: ClassVar[bool] = True  # predictions come from generated text
+    answer_word: ClassVar[str] = "Answer"
+
+    def __init__(self, cfg, labels: Sequence[str], eval_cfg, seed: int):
+        self.cfg, self.labels, self.eval_cfg, self.seed = cfg, list(labels), eval_cfg, seed
+
+    # ------------------------------------------------------------------ prompts
+    @property
+    def instruction(self) -> str:
+        return self.cfg.instruction or self.default_instruction()
+
+    def default_instruction(self) -> str:
+        return "Answer the question."
+
+    def hints(self) -> list[str]:
+        """Answer-format lines added to the instruction (direct answers)."""
+        return []
+
+    def query(self, example) -> str:
+        """The input as shown to the model (multiple-choice adds its choices)."""
+        return example.input
+
+    def user_message(self, x, examples: Sequence = (), *, reasoning: str | None = None,
+                     context: str | None = None, instruction: str | None = None) -> str:
+        """``x``: an Example or the input text; ``examples``: Examples or (input, answer)."""
+        q = x if isinstance(x, str) else self.query(x)
+        pairs = [e if isinstance(e, tuple) else (self.query(e), self.answer(e)) for e in examples]
+        hints = self.hints() if reasoning is None else [reasoning]
+        return prompts.user_message(
+            instruction or self.instruction, q, pairs, None,
+            answer_word=self.answer_word, hints=hints, context=context,
+        )
+
+    # ------------------------------------------------------------------ targets
+    def answer(self, example) -> str:
+        """The assistant's answer text for training and in-context examples."""
+        return example.label
+
+    def gold(self, example) -> Any:
+        return example.target
+
+    # ------------------------------------------------------------------ outputs
+    def parse(self, text: str, example=None) -> tuple[Any, str | None]:
+        """A direct answer -> (prediction, None) or (None, reason)."""
+        t = text.strip()
+        return (t, None) if t else (None, "empty output")
+
+    def extract(self, text: str, example=None) -> tuple[Any, str | None]:
+        """The answer in a reasoning text: its final part, parsed."""
+        part = final_part(text)
+        if not part:
+            return None, "no answer found after the reasoning"
+        return self.parse(part, example)
+
+    def vote_key(self, pred) -> Any:
+        """Predictions that count as the same answer in a majority vote."""
+        import json
+
+        return json.dumps(pred, sort_keys=True) if isinstance(pred, (dict, list)) else pred
+
+    def grammar(self, example=None) -> Grammar | None:
+        return None
+
+    def verify(self, pred, example) -> float | None:
+        """A programmatic check of a candidate (1 = passes); None when the task has none."""
+        return None
+
+    # ------------------------------------------------------------------ scoring
+    def correct(self, pred, gold) -> bool:
+        return pred is not None and pred == gold
+
+    def score(self, golds: list, preds: list) -> dict[str, dict]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ prediction
+    def predict(self, model, fmt, messages: list[str], examples=None, desc: str = "",
+                constrained: bool = False, engine: str = "xgrammar"):
+        """Greedy direct answers (optionally grammar-constrained), parsed."""
+        return generate_answers(self, model, fmt, messages, examples, desc=desc,
+                                constrained=constrained, engine=engine)
+
+
+def generate_answers(task: Task, model, fmt, messages, examples=None, *, desc="", constrained=False,
+                     engine="xgrammar", max_new_tokens=None, reasoning=False, n=1,
+                     do_sample=False, temperature=1.0, top_p=1.0, prefix: str = ""):
+    """Generate for every message and parse: the path shared by direct-answer and
+    reasoning rungs. Returns (predictions, info); with ``n > 1`` each prediction holds
+    ``samples`` (the n parsed candidates) and ``pred`` is the first."""
+    from lmladder.engine.generate import generate
+
+    if hasattr(model, "label_loglikelihoods"):
+        from lmladder.errors import LadderError
+
+        raise LadderError(f"{task.kind} needs text generation, which the openai: backend does not offer yet")
+    tok = fmt.tokenizer
+    prompt_texts = [fmt.prompt(m) + prefix for m in messages]
+    ids = [fmt.encode(p) for p in prompt_texts]
+    processors = None
+    if constrained:
+        from lmladder.engine import constrain
+
+        exs = list(examples) if examples is not None else [None] * len(messages)
+        grammars = [task.grammar(e) for e in exs]
+        if any(g is None for g in grammars):
+            from lmladder.errors import LadderError
+
+            raise LadderError(f"constrained decoding: task kind {task.kind} has no grammar for its answers")
+        processors = constrain.processor_factory(tok, grammars, engine=engine, reasoning=reasoning)
+    texts, stats = generate(
+        model, tok, ids,
+        max_new_tokens=max_new_tokens or task.eval_cfg.max_new_tokens,
+        n=n, do_sample=do_sample, temperature=temperature, top_p=top_p,
+        batch_size=task.eval_cfg.gen_batch_size, seed=task.seed, processors=processors, desc=desc,
+    )
+    exs = list(examples) if examples is not None else [None] * len(messages)
+    parse = task.extract if reasoning else task.parse
+    preds = []
+    for outs, ex in zip(texts, exs):
+        cands = []
+        for t in outs:
+            p, err = parse(t, ex)
+            cands.append({"pred": p, "raw": t, "error": err})
+        rec = dict(cands[0])
+        if n > 1:
+            rec["samples"] = cands
+        preds.append(rec)
+    info = {
+        "prompt_tokens_per_example": stats.prompt_tokens / max(len(ids), 1),
+        "samples_per_example": n,
+        "generated_tokens_per_example": stats.generated_tokens / max(len(ids), 1),
+        "generation": stats.as_dict(),
+        "unparseable": sum(1 for p in preds if p["pred"] is None),
+        "constrained": bool(constrained),
+    }
+    return preds, info
