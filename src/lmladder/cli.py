@@ -23,6 +23,13 @@ examples:
   lmladder run --train train.jsonl --test test.jsonl --input-field text --label-field label \\
       --rungs zero-shot,few-shot,lora --target accuracy=0.85 --out runs/mine
   lmladder run examples/sst2.yaml --limit-test 50 --set few-shot.k=4 --set lora.epochs=2
+  lmladder run --task math --train gsm8k.jsonl --input-field question --label-field answer \\
+      --rungs zero-shot,few-shot,cot
+  lmladder run --task qa --train questions.jsonl --input-field question --label-field answers \\
+      --corpus passages.jsonl --rungs zero-shot,rag
+  lmladder run --task extraction --train ner.jsonl --input-field tokens --label-field tags \\
+      --schema entities.schema.json --rungs zero-shot,constrained
+  (task kinds and their metrics: docs/tasks.md)
 
 --set takes any config key (dotted, hyphens or underscores), e.g.:
 {keys}
@@ -60,8 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", nargs="?", help="YAML config (paths inside are relative to it)")
     r.add_argument("--train", help="train file (JSONL, CSV, Parquet)")
     r.add_argument("--test", help="test file; default: a seeded split of --train")
+    r.add_argument("--task", metavar="KIND", help="task kind: classification (default), math, qa, extraction, "
+                   "multiple-choice, generation")
     r.add_argument("--input-field", help="field with the model input (default: text)")
-    r.add_argument("--label-field", help="field with the label (default: label)")
+    r.add_argument("--label-field", help="field with the label / answer (default: label)")
+    r.add_argument("--choices-field", help="multiple-choice: field with each example's list of choices")
+    r.add_argument("--schema", metavar="FILE", help="extraction: JSON Schema file (or comma-separated field names)")
+    r.add_argument("--metric-fn", metavar="MODULE:FUNC", help="generation: extra metric f(pred, gold) -> float")
+    r.add_argument("--metric", help="primary metric (default per kind: accuracy, exact_match, f1, ...)")
+    r.add_argument("--corpus", metavar="FILE", help="rag: passages (JSONL id/text, a text file or a folder)")
     r.add_argument("--labels", help="comma-separated label set (default: from train)")
     r.add_argument("--instruction", help="task instruction shown to the model")
     r.add_argument("--target", help="target score, METRIC=VALUE, e.g. accuracy=0.85")
@@ -102,6 +116,11 @@ def _config_from_args(a) -> tuple:
         "data.test": a.test,
         "data.input_field": a.input_field,
         "data.label_field": a.label_field,
+        "data.choices_field": a.choices_field,
+        "task.kind": a.task,
+        "task.metric": a.metric,
+        "task.metric_fn": a.metric_fn,
+        "rag.corpus": a.corpus,
         "data.limit_train": a.limit_train,
         "data.limit_test": a.limit_test,
         "task.instruction": a.instruction,
@@ -116,7 +135,12 @@ def _config_from_args(a) -> tuple:
         *parents, leaf = key.split(".")
         for k in parents:
             node = node.setdefault(k, {})
-        node[leaf] = os.path.abspath(value) if key in ("data.train", "data.test") else value
+        node[leaf] = os.path.abspath(value) if key in ("data.train", "data.test", "rag.corpus") else value
+    if a.schema is not None:  # a file, or field names: --schema name,date,amount
+        is_file = os.path.exists(a.schema) or a.schema.endswith(".json") or os.sep in a.schema
+        raw.setdefault("task", {})["schema"] = (
+            os.path.abspath(a.schema) if is_file else [x.strip() for x in a.schema.split(",") if x.strip()]
+        )
     if a.rungs is not None:
         raw["rungs"] = [x.strip() for x in a.rungs.split(",") if x.strip()]
     if a.labels is not None:

@@ -35,6 +35,12 @@ class DataConfig(_Config):
     choices_field: str | None = Field(
         None, description="multiple-choice: field holding each example's list of choices."
     )
+    instruction_field: str | None = Field(
+        None, description="Field with a per-example instruction (multi-task / instruction-tuning data)."
+    )
+    group_field: str | None = Field(
+        None, description="Field naming each example's group (e.g. source task): metrics per group too."
+    )
     test_fraction: float = Field(
         0.2, gt=0, lt=1, description="Share of `train` held out as test when `test` is absent."
     )
@@ -46,13 +52,16 @@ class DataConfig(_Config):
     )
 
 
-TASK_KINDS = ("classification", "math", "qa", "extraction", "multiple-choice", "generation")
+TASK_KINDS = ("classification", "math", "qa", "extraction", "multiple-choice", "generation", "tagging")
 
 
 class TaskConfig(_Config):
-    kind: Literal["classification", "math", "qa", "extraction", "multiple-choice", "generation"] = Field(
+    kind: Literal[
+        "classification", "math", "qa", "extraction", "multiple-choice", "generation", "tagging"
+    ] = Field(
         "classification",
-        description="Task kind: classification, math, qa, extraction, multiple-choice, generation.",
+        description="Task kind: classification, math, qa, extraction, multiple-choice, generation, "
+        "tagging (BIO tags per token; encoder rung only).",
     )
     instruction: str | None = Field(
         None, description="What the model should do; a default is written from the label set."
@@ -74,6 +83,11 @@ class TaskConfig(_Config):
         alias="schema",
         description="extraction: JSON Schema (file path or inline mapping) or a list of field names.",
     )
+    templates: list[str] | None = Field(
+        None,
+        description="FLAN-style prompt templates with {instruction} and {input}: training renders each "
+        "example with a seeded choice among the default template and these (evaluation: the default).",
+    )
     metric_fn: str | None = Field(
         None, description="generation: extra metric as 'module:function(pred, gold) -> float'."
     )
@@ -88,6 +102,18 @@ class TaskConfig(_Config):
                 raise ValueError("labels must be non-empty strings")
             if len(set(v)) != len(v):
                 raise ValueError("labels must be distinct")
+        return v
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_format(cls, v):
+        for t in v or []:
+            if "{input}" not in t:
+                raise ValueError(f"template {t!r} has no {{input}} placeholder")
+            try:
+                t.format(instruction="", input="")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"template {t!r}: only {{instruction}} and {{input}} may appear in braces ({e})")
         return v
 
     @field_validator("target")
@@ -221,14 +247,20 @@ class PromptSearchConfig(_Constrainable):
     dev_size: int = Field(64, ge=4, description="Dev examples carved (seeded) from train for the search.")
 
 
-class LoraConfig(_Config):
-    r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: str | list[str] = Field(
-        "all-linear", description="Modules to adapt (PEFT syntax)."
+class TrainConfig(_Config):
+    """Fields shared by every weight-update rung (lora, qlora, ia3, prompt/prefix tuning, full)."""
+
+    from_: str | None = Field(
+        None,
+        alias="from",
+        description="Start from another rung's output model (e.g. continued-pretraining) instead "
+        "of the base model; that rung runs first.",
     )
-    lr: float = Field(1e-4, gt=0, description="Peak learning rate (linear decay, warmup).")
+
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (warmup, then decay).")
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate decay after warmup."
+    )
     epochs: float = Field(1.0, gt=0, description="Passes over the train set.")
     max_steps: int | None = Field(None, ge=1, description="Stop after N optimizer steps.")
     batch_size: int = Field(8, ge=1, description="Sequences per optimizer micro-batch.")
@@ -236,7 +268,151 @@ class LoraConfig(_Config):
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps used for warmup.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_length: int = Field(
-        1024, ge=8, description="Longest training sequence; longer ones are an error."
+        1024, ge=8, description="Longest training sequence in tokens (see truncation)."
+    )
+    truncation: Literal["truncate", "error"] = Field(
+        "truncate",
+        description="A sequence longer than max_length: 'truncate' cuts the prompt from the "
+        "left (the answer is kept; counted in the report) or 'error' stops the run.",
+    )
+    packing: bool = Field(
+        True,
+        description="Pack each micro-batch's sequences into rows without padding (position ids "
+        "restart per sequence, block-diagonal attention); off where the rung cannot pack.",
+    )
+    pack_length: int = Field(
+        2048, ge=8, description="Longest packed row in tokens (a longer sequence gets its own row)."
+    )
+    group_by_length: bool = Field(True, description="Batch sequences of similar length together.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (less memory, slower)."
+    )
+    dev_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of train held out (seeded) as a dev set for eval loss; 0 = none."
+    )
+    dev_max: int = Field(200, ge=1, description="At most this many dev examples.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Dev loss every N steps (default: about 5 times per run)."
+    )
+    early_stopping_patience: int | None = Field(
+        3, ge=1, description="Stop after N evaluations without a better dev loss; null = never."
+    )
+    save_steps: int | None = Field(
+        None, ge=1, description="Checkpoint every N steps (default: at every evaluation)."
+    )
+    checkpoints: bool = Field(
+        True, description="Write resumable checkpoints to rungs/<rung>/checkpoints (kept until the rung ends)."
+    )
+    logging_steps: int | None = Field(
+        None, ge=1, description="Log the train loss every N steps (default: about 20 times per run)."
+    )
+    forgetting_text: str | None = Field(
+        "builtin",
+        description="JSONL file ({'text': ...} rows) for the forgetting check (perplexity before/after "
+        "training); 'builtin' = a WikiText-2 sample shipped with lmladder; null disables it.",
+    )
+    forgetting_max_tokens: int = Field(
+        4096, ge=16, description="Tokens of forgetting text to score (from the start of the file)."
+    )
+
+
+class LoraConfig(TrainConfig):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules to adapt (PEFT syntax)."
+    )
+
+
+class QloraConfig(LoraConfig):
+    """LoRA on a base model loaded in 4-bit NF4 (bitsandbytes)."""
+
+    double_quant: bool = Field(True, description="Quantise the 4-bit scales too (bnb double quantisation).")
+
+
+class Ia3Config(TrainConfig):
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (warmup, then decay).")
+    target_modules: str | list[str] | None = Field(
+        None, description="Modules to rescale (PEFT syntax; default: PEFT's per-architecture choice)."
+    )
+    feedforward_modules: str | list[str] | None = Field(
+        None, description="Which target modules are feed-forward (PEFT syntax; default: PEFT's)."
+    )
+
+
+class PromptTuningConfig(TrainConfig):
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (warmup, then decay).")
+    num_virtual_tokens: int = Field(16, ge=1, description="Length of the learned soft prompt.")
+    init_from_instruction: bool = Field(
+        True, description="Initialise the soft prompt from the task instruction's token embeddings."
+    )
+
+
+class PrefixTuningConfig(TrainConfig):
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (warmup, then decay).")
+    num_virtual_tokens: int = Field(16, ge=1, description="Learned key/value prefix length per layer.")
+    projection: bool = Field(
+        False, description="Reparameterise the prefix through an MLP (prefix_projection)."
+    )
+
+
+class FullConfig(TrainConfig):
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate (warmup, then decay).")
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate decay after warmup."
+    )
+
+
+class EncoderConfig(_Config):
+    """A separate encoder (not the causal LM) with a new classification / tagging head."""
+
+    model: str = Field(
+        "all-minilm-l6-v2",
+        description="Encoder: all-minilm-l6-v2 (embedded), a local HF folder or a hub id (safetensors only).",
+    )
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate (linear decay after warmup).")
+    epochs: float = Field(3.0, gt=0, description="Passes over the train set.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after N optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Examples per optimizer step.")
+    eval_batch_size: int = Field(64, ge=1, description="Examples per forward pass when predicting.")
+    max_length: int = Field(
+        128, ge=8, description="Longest input in sub-word tokens; longer inputs are truncated (counted)."
+    )
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps used for warmup.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+
+
+class ContinuedPretrainingConfig(_Config):
+    """Next-token training on raw domain text, then the task's zero-shot prompt."""
+
+    corpus: str | None = Field(
+        None,
+        description="Domain text: JSONL (one document per row), a .txt file (documents separated "
+        "by blank lines), or a folder of .txt/.md files (one document each).",
+    )
+    text_field: str = Field("text", description="Corpus JSONL field with the document text.")
+    method: Literal["lora", "full"] = Field(
+        "lora", description="lora (adapter, merged into the saved model) or full (every weight)."
+    )
+    block_size: int = Field(
+        512, ge=8, description="Tokens per training block (documents joined by EOS, then cut)."
+    )
+    max_documents: int | None = Field(
+        None, ge=1, description="Use at most the first N documents of the corpus."
+    )
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (linear decay after warmup).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the corpus blocks.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after N optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Blocks per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps used for warmup.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    r: int = Field(16, ge=1, description="LoRA rank (method: lora).")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (method: lora).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout (method: lora).")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules to adapt (PEFT syntax; method: lora)."
     )
 
 
@@ -269,9 +445,38 @@ class RunConfig(_Config):
     tools: ToolsConfig = Field(default_factory=ToolsConfig)
     prompt_search: PromptSearchConfig = Field(default_factory=PromptSearchConfig, alias="prompt-search")
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    qlora: QloraConfig = Field(default_factory=QloraConfig)
+    ia3: Ia3Config = Field(default_factory=Ia3Config)
+    prompt_tuning: PromptTuningConfig = Field(default_factory=PromptTuningConfig, alias="prompt-tuning")
+    prefix_tuning: PrefixTuningConfig = Field(default_factory=PrefixTuningConfig, alias="prefix-tuning")
+    full: FullConfig = Field(default_factory=FullConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    continued_pretraining: ContinuedPretrainingConfig = Field(
+        default_factory=ContinuedPretrainingConfig, alias="continued-pretraining"
+    )
+    copies: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Named copies of a rung, listed in rungs as <rung>@<tag> (e.g. lora@cpt): "
+        "the rung's own section with these keys changed, e.g. {lora@cpt: {from: continued-pretraining}}.",
+    )
+
+    @field_validator("copies")
+    @classmethod
+    def _copies_valid(cls, v, info):
+        for name, over in v.items():
+            base, sep, tag = name.partition("@")
+            section = base.replace("-", "_")
+            if not sep or not tag.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"'{name}': name a copy <rung>@<tag>, e.g. lora@cpt")
+            if not isinstance(info.data.get(section), BaseModel) or section in ("task", "data", "eval"):
+                raise ValueError(f"'{name}': '{base}' is not a rung with a config section")
+            _copy_config(info.data[section], over, name)
+        return v
 
     def rung_config(self, name: str) -> _Config:
-        return getattr(self, name.replace("-", "_"))
+        base, _, _ = name.partition("@")
+        cfg = getattr(self, base.replace("-", "_"))
+        return _copy_config(cfg, self.copies[name], name) if name in self.copies else cfg
 
     @property
     def primary_metric(self) -> str:
@@ -284,9 +489,25 @@ class RunConfig(_Config):
         return KINDS[self.task.kind].metric_names[0]
 
 
+def _copy_config(cfg: _Config, over: Any, name: str) -> _Config:
+    """A rung section with a named copy's keys changed (validated like the section)."""
+    if not isinstance(over, dict):
+        raise ValueError(f"'{name}': give a mapping of {name.partition('@')[0]} keys")
+    raw = {**cfg.model_dump(by_alias=True), **_canonical(over, type(cfg), f"copies.{name}.", "config")}
+    try:
+        return type(cfg).model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise ValueError(f"'{name}': {'.'.join(map(str, err['loc']))}: {msg}") from None
+
+
 # --------------------------------------------------------------------------- loading
 
-_PATH_KEYS = (("data", "train"), ("data", "test"), ("rag", "corpus"), ("task", "schema"))
+_PATH_KEYS = (
+    ("data", "train"), ("data", "test"), ("rag", "corpus"), ("task", "schema"),
+    ("continued-pretraining", "corpus"),
+)
 
 
 def _norm(key: str) -> str:

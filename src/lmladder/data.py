@@ -27,6 +27,8 @@ class Example:
     fields: dict[str, Any] = field(default_factory=dict)  # the whole row
     target: Any = None  # the gold as read (a list of answers, entities, a choice index...)
     choices: list[str] | None = None  # multiple-choice: this example's choices
+    instruction: str | None = None  # per-example instruction (data.instruction_field)
+    group: str | None = None  # e.g. the source task (data.group_field)
 
     def __post_init__(self):
         if self.target is None:
@@ -152,6 +154,13 @@ def read_examples(path: str | Path, cfg: DataConfig, role: str, kind: str = "cla
             target = _choice_index(
                 target, row, choices, cfg.choices_field, where(path, lineno, cfg.label_field)
             )
+        extra = {}
+        for attr, fld in (("instruction", cfg.instruction_field), ("group", cfg.group_field)):
+            if fld:
+                v = row.get(fld)
+                if v is None or not str(v).strip():
+                    raise LadderError(f"{where(path, lineno, fld)} missing or empty (data.{attr}_field)")
+                extra[attr] = str(v)
         label = target if isinstance(target, str) else json.dumps(target, ensure_ascii=False)
         out.append(
             Example(
@@ -162,6 +171,7 @@ def read_examples(path: str | Path, cfg: DataConfig, role: str, kind: str = "cla
                 fields=row,
                 target=target.strip() if isinstance(target, str) else target,
                 choices=choices,
+                **extra,
             )
         )
     if not out:

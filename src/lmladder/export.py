@@ -100,6 +100,9 @@ def load_run(run_dir: str | Path) -> RunFolder:
 
 def check_rung(run: RunFolder, rung: str) -> None:
     if rung in run.finished:
+        parent = getattr(run.cfg.rung_config(rung), "from_", None)
+        if parent:  # its adapter belongs on the parent's model, not on the base
+            raise LadderError(f"rung '{rung}' starts from {parent}'s model (from:); exporting a stacked rung is not supported yet")
         return
     from lmladder import rungs as rung_mod
 

@@ -48,6 +48,59 @@ def _file_digest(path: str | None) -> str | None:
     return h.hexdigest()
 
 
+def rung_class(name: str):
+    """The rung class behind a rung name (``lora@cpt``, a named copy, is a ``lora``)."""
+    from lmladder import rungs as rung_mod
+
+    return rung_mod.get(name.partition("@")[0])
+
+
+def parent_of(cfg: RunConfig, rung: str) -> str | None:
+    """The rung whose output model ``rung`` starts from (its config's ``from``), if any."""
+    return getattr(cfg.rung_config(rung), "from_", None)
+
+
+def run_order(cfg: RunConfig) -> list[str]:
+    """Cost order, except that a rung with ``from:`` runs after the rung it starts from."""
+    out: list[str] = []
+
+    def place(r: str) -> None:
+        if r not in out:
+            p = parent_of(cfg, r)
+            if p:
+                place(p)
+            out.append(r)
+
+    for r in sorted(cfg.rungs, key=lambda r: rung_class(r).cost_rank):
+        place(r)
+    return out
+
+
+def _check_stacking(cfg: RunConfig) -> None:
+    """``from:`` must name another rung of this run that produces a model; no cycles."""
+    from lmladder import rungs as rung_mod
+
+    for r in cfg.rungs:
+        p = parent_of(cfg, r)
+        if p is None:
+            continue
+        if p == r:
+            raise LadderError(f"{r}.from: a rung cannot start from itself")
+        if p not in cfg.rungs:
+            raise LadderError(f"{r}.from: '{p}' is not in rungs ({', '.join(cfg.rungs)}); add it to rungs")
+        if not rung_class(p).output_model:
+            makers = [n for n, c in rung_mod.RUNGS.items() if c.output_model]
+            raise LadderError(
+                f"{r}.from: rung '{p}' does not produce a model to start from (rungs that do: {', '.join(makers)})"
+            )
+        chain = [r]
+        while p is not None:
+            if p in chain:
+                raise LadderError(f"{r}.from: a cycle of from: ({' -> '.join(chain + [p])})")
+            chain.append(p)
+            p = parent_of(cfg, p)
+
+
 class Context:
     """What rungs share: config, data, task, and the base model (loaded once, lazily)."""
 
@@ -93,6 +146,28 @@ class Context:
     def set_base(self, model) -> None:
         self._model = model
 
+    def push_base(self, parent: str) -> None:
+        """Until :meth:`pop_base`, the base model is ``parent``'s output model
+        (rungs/<parent>/model, same tokenizer); the shared base is kept aside."""
+        from transformers import AutoModelForCausalLM
+
+        folder = self.run_dir / "rungs" / parent / rung_class(parent).output_model
+        if not (folder / "config.json").is_file():
+            raise LadderError(f"from: {parent}: no model in {folder} (did the {parent} rung fail?)")
+        model, _ = self.base()
+        log.info("starting from %s's model (%s)", parent, folder)
+        m = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=model.dtype, use_safetensors=True, trust_remote_code=False
+        ).to(model.device)
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+        self._stack = getattr(self, "_stack", []) + [self._model]
+        self._model = m
+
+    def pop_base(self) -> None:
+        self._model = self._stack.pop()
+
     def fmt(self):
         if self._fmt is None:
             from lmladder.prompts import ChatFormat
@@ -115,6 +190,12 @@ class Context:
         }
         from lmladder.engine import openai_backend
 
+        parent = parent_of(cfg, rung)
+        if parent:  # a stacked rung reruns when the model it starts from changes
+            payload["from"] = self.fingerprint(parent)
+        extra = rung_class(rung).fingerprint_extra(cfg)
+        if extra:  # e.g. the rag corpus's content digest
+            payload["extra"] = extra
         if openai_backend.is_openai(cfg.model):  # another server or tokenizer: other scores
             payload["openai"] = {
                 "endpoint": os.environ.get("OPENAI_BASE_URL", "").rstrip("/"),
@@ -131,7 +212,9 @@ def validate(cfg: RunConfig):
     if not cfg.rungs:
         raise LadderError("no rungs to run (--rungs zero-shot,few-shot,lora)")
     for r in cfg.rungs:
-        if r not in rung_mod.RUNGS:
+        if "@" in r and r.partition("@")[0] in rung_mod.RUNGS and r not in cfg.copies:
+            raise LadderError(f"rung '{r}' is a named copy: give its changes in copies.{r}, e.g. from: ...")
+        if r.partition("@")[0] not in rung_mod.RUNGS:
             import difflib
 
             hint = difflib.get_close_matches(r, list(rung_mod.RUNGS), n=1)
@@ -141,15 +224,19 @@ def validate(cfg: RunConfig):
             )
     if len(set(cfg.rungs)) != len(cfg.rungs):
         raise LadderError(f"rung listed twice in rungs: {', '.join(cfg.rungs)}")
+    for r in cfg.rungs:
+        if cfg.task.kind not in rung_class(r).kinds:
+            raise LadderError(f"rung {r} does not support task kind {cfg.task.kind}")
+    _check_stacking(cfg)
     from lmladder.engine import openai_backend
 
     if openai_backend.is_openai(cfg.model):
         for r in cfg.rungs:
-            if rung_mod.RUNGS[r].trains:
+            if rung_class(r).trains:
                 raise LadderError(openai_backend.TRAINING_ERROR.format(rung=r))
     if cfg.task.kind not in KINDS:
         raise LadderError(f"task kind '{cfg.task.kind}' is not available (known: {', '.join(KINDS)})")
-    metric_names = KINDS[cfg.task.kind].metric_names
+    metric_names = KINDS[cfg.task.kind].metrics_for(cfg.task)
     for m in [m for m in [cfg.task.metric] if m] + list(cfg.task.target or {}):
         if m not in metric_names:
             raise LadderError(
@@ -160,18 +247,19 @@ def validate(cfg: RunConfig):
     world = sft.dist_env()[1]
     for r in cfg.rungs:  # under N processes the global batch must split evenly
         rc = cfg.rung_config(r)
-        if rung_mod.get(r).trains and hasattr(rc, "batch_size") and hasattr(rc, "grad_accum"):
+        if rung_class(r).trains and hasattr(rc, "batch_size") and hasattr(rc, "grad_accum"):
             sft.split_global_batch(rc.batch_size, rc.grad_accum, world)
-        if rung_mod.get(r).trains and sft.sharding_requested():
+        if rung_class(r).trains and sft.sharding_requested():
             raise LadderError(sft.SHARDING_ERROR.format(what=" / ".join(sft.sharding_requested())))
     dataset = data_mod.load(cfg.data, cfg.seed, cfg.task.labels, cfg.task.kind)
     for r in cfg.rungs:  # rung-specific checks that need no model (corpus, tools, schema...)
-        check = getattr(rung_mod.get(r), "validate", None)
+        check = getattr(rung_class(r), "validate", None)
         if check is not None:
             check(cfg, dataset)
     from lmladder import models
 
-    models.check_available(models.resolve(cfg.model))
+    if any(rung_class(r).uses_base for r in cfg.rungs):
+        models.check_available(models.resolve(cfg.model))
     return dataset
 
 
@@ -239,9 +327,22 @@ def _skip_decision(done: Path, fp: str, force: bool, name: str) -> bool:
     return False
 
 
+def _group_scores(task, test, golds, preds) -> dict:
+    """Metrics per group (data.group_field, e.g. the source task of instruction data)."""
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(test):
+        if e.group:
+            groups.setdefault(e.group, []).append(i)
+    out = {}
+    for g in sorted(groups):
+        ix = groups[g]
+        sc = task.score([golds[i] for i in ix], [preds[i]["pred"] for i in ix])
+        out[g] = {"n": len(ix), **{m: v["value"] for m, v in sc.items()}}
+    return out
+
+
 def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
     from lmladder import report
-    from lmladder import rungs as rung_mod
     from lmladder.cost import Meter
     from lmladder.engine import sft
     from lmladder.tasks import make_task
@@ -253,16 +354,16 @@ def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
     dataset = validate(cfg)  # before anything is written (every rank validates)
     if distributed:
         _materialise_once(cfg.model)
-    task = make_task(cfg.task, dataset.info["labels"], cfg.eval, cfg.seed)
+    task = make_task(cfg.task, dataset.info["labels"], cfg.eval, cfg.seed, dataset)  # + gold/schema checks
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", config_mod.dump(cfg))
         atomic_write_json(out_dir / "data.json", dataset.info)
     ctx = Context(cfg, dataset, task, out_dir)
 
-    order = sorted(cfg.rungs, key=lambda r: rung_mod.get(r).cost_rank)
-    for name in order:
-        cls = rung_mod.get(name)
+    for name in run_order(cfg):
+        cls = rung_class(name)
+        parent = parent_of(cfg, name)
         rdir = out_dir / "rungs" / name
         fp = ctx.fingerprint(name)
         done = rdir / "result.json"
@@ -277,8 +378,12 @@ def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
             if done.is_file():
                 done.unlink()
             rdir.mkdir(parents=True, exist_ok=True)
-        ctx.base()  # load outside the rung's meter: the model is shared by all rungs
+        if cls.uses_base or parent:
+            ctx.base()  # load outside the rung's meter: the model is shared by all rungs
+        if parent:
+            ctx.push_base(parent)  # the parent rung's output model is this rung's base
         rung = cls(ctx, cfg.rung_config(name), rdir)
+        rung.name = name  # a named copy (lora@cpt) fingerprints and logs as itself
         log.info("%s: %s", name, cls.summary)
         try:
             with Meter() as total:
@@ -289,14 +394,28 @@ def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
                     preds, pinfo = rung.predict() if main else (None, None)
                 trainable = rung.trainable_params()
         finally:
-            rung.close()
+            try:
+                rung.close()
+            finally:
+                if parent:
+                    ctx.pop_base()
         if not main:
             sft.barrier()  # rank 0 evaluates and writes this rung
             continue
         golds = [task.gold(e) for e in dataset.test]
         scores = task.score(golds, [p["pred"] for p in preds])
         primary = cfg.primary_metric
-        n_params = ctx.model_info.get("parameters") or 1
+        details = {**pinfo, **fit_stats}
+        own = details.get("model")  # a rung with its own model (encoder): shares relative to it
+        n_params = (own if isinstance(own, dict) else ctx.model_info).get("parameters") or 1
+        train_s = round(fit_m.seconds, 2) if cls.trains else 0.0
+        rank = cls.cost_rank
+        if parent:  # stacked: its cost includes the parent's training
+            prev = json.loads((out_dir / "rungs" / parent / "result.json").read_text())
+            details["from"] = {"rung": parent, "train_seconds": prev["cost"]["train_seconds"],
+                               "own_train_seconds": train_s}
+            train_s = round(train_s + prev["cost"]["train_seconds"], 2)
+            rank = max(rank, prev["rank"]) + cls.cost_rank / 100
         n_test = len(dataset.test)
         rows = [
             {"id": e.id, "source": e.source, "input": e.input, "gold": g, **p,
@@ -304,10 +423,11 @@ def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
             for e, g, p in zip(dataset.test, golds, preds)
         ]
         atomic_write_jsonl(rdir / "predictions.jsonl", rows)
+        by_group = _group_scores(task, dataset.test, golds, preds)
         result = {
             "name": name,
-            "rank": cls.cost_rank,
-            "summary": cls.summary,
+            "rank": rank,
+            "summary": cls.summary + (f" (from {parent})" if parent else ""),
             "fingerprint": fp,
             "metric": primary,
             "score": scores[primary]["value"],
@@ -317,13 +437,14 @@ def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
             "cost": {
                 "trainable_params": trainable,
                 "trainable_share": trainable / n_params,
-                "train_seconds": round(fit_m.seconds, 2) if cls.trains else 0.0,
+                "train_seconds": train_s,
                 "peak_rss_mb": round(total.peak_rss_mb, 1),
                 "prompt_tokens_per_example": round(pinfo["prompt_tokens_per_example"], 1),
                 "eval_seconds": round(pred_m.seconds, 2),
                 "eval_examples_per_second": round(n_test / pred_m.seconds, 2) if pred_m.seconds else None,
             },
-            "details": {**pinfo, **fit_stats},
+            "details": details,
+            **({"by_group": by_group} if by_group else {}),
             "artifacts": rung.artifacts(),
             "model": ctx.model_info,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -66,10 +66,21 @@ class ChatFormat:
 
     tokenizer: object
     system_prompt: str | None = None
+    thinking: bool | None = None  # enable_thinking for templates that have it; None: template default
 
     @property
     def has_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def supports_thinking(self) -> bool:
+        """The chat template has a native thinking switch (Qwen3-style ``enable_thinking``)."""
+        t = getattr(self.tokenizer, "chat_template", None)
+        t = "\n".join(t.values()) if isinstance(t, dict) else (t or "")
+        return "enable_thinking" in t
+
+    def _template_kwargs(self) -> dict:
+        return {} if self.thinking is None or not self.supports_thinking else {"enable_thinking": self.thinking}
 
     def _messages(self, msg: str) -> list[dict]:
         msgs = []
@@ -84,7 +95,7 @@ class ChatFormat:
             sys = f"{self.system_prompt}\n\n" if self.system_prompt else ""
             return sys + msg
         return self.tokenizer.apply_chat_template(
-            self._messages(msg), tokenize=False, add_generation_prompt=True
+            self._messages(msg), tokenize=False, add_generation_prompt=True, **self._template_kwargs()
         )
 
     def encode(self, prompt: str) -> list[int]:
@@ -102,7 +113,8 @@ class ChatFormat:
             return " " + answer + eos
         prompt = self.prompt(msg)
         full = self.tokenizer.apply_chat_template(
-            self._messages(msg) + [{"role": "assistant", "content": answer}], tokenize=False
+            self._messages(msg) + [{"role": "assistant", "content": answer}], tokenize=False,
+            **self._template_kwargs(),
         )
         if not full.startswith(prompt) or answer not in full[len(prompt):]:
             # Templates that rewrite earlier turns (e.g. strip reasoning) break the

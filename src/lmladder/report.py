@@ -68,7 +68,9 @@ def collect(run_dir: Path) -> dict[str, Any]:
             missing.append(name)
     rungs.sort(key=lambda r: r["rank"])
     target = cfg["task"].get("target") or None
-    metric = next(iter(target)) if target else cfg["task"].get("metric", "accuracy")
+    metric = next(iter(target)) if target else (
+        cfg["task"].get("metric") or (rungs[0]["metric"] if rungs else "accuracy")
+    )
     tvalue = target[metric] if target else None
     model = next((r["model"] for r in rungs if r.get("model")), {"spec": cfg.get("model")})
     return {
@@ -81,6 +83,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
         "target": tvalue,
         "rungs": [
             {k: r[k] for k in ("name", "rank", "summary", "metric", "score", "ci", "metrics", "n_test", "cost", "details", "artifacts")}
+            | ({"by_group": r["by_group"]} if r.get("by_group") else {})
             for r in rungs
         ],
         "missing_rungs": missing,
@@ -149,7 +152,27 @@ def table_rows(results: dict) -> list[dict]:
         row["prompt tok/call"] = f"{c['prompt_tokens_per_example']:.0f}"
         row["peak RSS MB"] = f"{c['peak_rss_mb']:.0f}"
         rows.append(row)
+    forgetting = [(r.get("details") or {}).get("forgetting") for r in results["rungs"]]
+    if any(forgetting):  # weight-update rungs: general-text perplexity before -> after training
+        for row, f in zip(rows, forgetting):
+            row["forgetting ppl"] = f"{f['ppl_before']:.1f} → {f['ppl_after']:.1f}" if f else "-"
     return rows
+
+
+def group_table(results: dict) -> list[str]:
+    """Markdown lines: the primary metric per group (data.group_field) and rung."""
+    with_groups = [r for r in results["rungs"] if r.get("by_group")]
+    if not with_groups:
+        return []
+    m = results["metric"]
+    groups = sorted({g for r in with_groups for g in r["by_group"]})
+    lines = ["", f"## {m} per group", "", "| group | n | " + " | ".join(r["name"] for r in with_groups) + " |",
+             "|---|---|" + "---|" * len(with_groups)]
+    for g in groups:
+        n = next(r["by_group"][g]["n"] for r in with_groups if g in r["by_group"])
+        vals = [r["by_group"].get(g, {}).get(m) for r in with_groups]
+        lines.append(f"| {g} | {n} | " + " | ".join("" if v is None else f"{v:.3f}" for v in vals) + " |")
+    return lines
 
 
 def markdown(results: dict) -> str:
@@ -167,7 +190,7 @@ def markdown(results: dict) -> str:
         + (f" ({results['model'].get('parameters', 0):,} params, {results['model'].get('dtype')}, {results['model'].get('device')})" if results["model"].get("parameters") else ""),
         f"- Train: {d.get('train_used')} of {d.get('train_total')} examples from `{d.get('train_file')}`",
         f"- Test: {d.get('test_used')} of {d.get('test_total')} examples from `{d.get('test_file')}` (the same split for every rung)",
-        f"- Labels: {', '.join(d.get('labels', []))}",
+        *([f"- Labels: {', '.join(d['labels'])}"] if d.get("labels") else []),
         "",
     ]
     if rows:
@@ -176,13 +199,16 @@ def markdown(results: dict) -> str:
         lines += ["| " + " | ".join(str(r.get(h, "")) for h in head) + " |" for r in rows]
     if results.get("missing_rungs"):
         lines += ["", f"Not finished: {', '.join(results['missing_rungs'])}."]
+    lines += group_table(results)
     lines += [
         "",
         "![quality vs cost](plot.png)",
         "",
         "Scores are on the held-out test split with 95% percentile-bootstrap CIs. "
         "Costs: trainable parameters, training wall time, eval throughput, prompt tokens "
-        "per call (full prompt, as an API would bill it), peak resident memory during the rung.",
+        "per call (full prompt, as an API would bill it), peak resident memory during the rung. "
+        "Forgetting ppl: perplexity of a general text sample (default: WikiText-2) under the "
+        "starting model and after training.",
         "",
         f"Per-example predictions: `rungs/<rung>/predictions.jsonl`. Made by lmladder {results['lmladder_version']}.",
         "",

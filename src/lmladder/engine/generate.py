@@ -93,7 +93,9 @@ def generate(
 
     ``batch_size`` counts sequences, so with ``n`` samples a batch holds
     ``max(1, batch_size // n)`` prompts. ``processors(batch_rows, prompt_indices)``
-    returns a list of logits processors for one batch (e.g. a grammar matcher per row).
+    returns a list of logits processors for one batch (e.g. a grammar matcher per row);
+    a factory with ``accepts_budget = True`` also gets ``max_new_tokens`` (the grammar's
+    reasoning budget) and its ``stats()`` are added to the returned stats.
     """
     if not prompt_ids:
         return [], GenStats()
@@ -148,7 +150,11 @@ def generate(
                 kwargs["past_key_values"] = cache
                 ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
             if processors is not None:
-                procs = processors(ids.shape[0], [i for i in idx for _ in range(n)])
+                rows_idx = [i for i in idx for _ in range(n)]
+                if getattr(processors, "accepts_budget", False):  # grammar: reasoning budget
+                    procs = processors(ids.shape[0], rows_idx, max_new_tokens=max_new_tokens)
+                else:
+                    procs = processors(ids.shape[0], rows_idx)
                 if procs:
                     from transformers import LogitsProcessorList
 
@@ -168,4 +174,6 @@ def generate(
         bar.close()
         model.train(was_training)
     stats.seconds = time.perf_counter() - t0
+    if processors is not None and hasattr(processors, "stats"):  # grammar engine counters
+        stats.extra.update(processors.stats())
     return out, stats

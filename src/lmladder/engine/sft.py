@@ -11,6 +11,8 @@ What we own (the known traps):
 * **Pre-flight check.** Before training, the unmasked label tokens of the first
   collated batch are decoded and compared with the expected answer text; any
   difference (off-by-one mask, truncation, a template surprise) stops the run.
+* **Packing, loss on supervised positions only, dev split / early stopping, atomic
+  checkpoints and resume, truncation** (issue 4): see docs/training.md.
 
 Multi-process training (``torchrun`` / ``accelerate launch``, DDP) gives the same
 results as one process at the same global batch (see docs/distributed.md):
@@ -162,7 +164,8 @@ def split_global_batch(batch_size: int, grad_accum: int, world_size: int) -> tup
 
 class GlobalBatchSampler:
     """Seeded, length-grouped order of the train set at global-batch granularity, the
-    same in every process and for every world size (see the module docstring).
+    same in every process and for every world size (see the module docstring). The
+    length-grouped batches come in a seeded random order, not longest first.
 
     Epoch ``e`` uses ``torch.Generator().manual_seed(seed + e)``; the epoch comes from
     ``set_epoch`` (Trainer calls it) or, failing that, counts the passes. Each epoch
@@ -187,6 +190,16 @@ class GlobalBatchSampler:
             from transformers.trainer_pt_utils import get_length_grouped_indices
 
             idx = list(get_length_grouped_indices(self.lengths, self.G, generator=g))
+            # transformers orders each megabatch (50 batches) longest first, so a run
+            # shorter than an epoch would see only the longest examples; shuffle the full
+            # batches (similar lengths within each stay together), keeping the first (it
+            # holds the longest sequence: out-of-memory shows at once) and the partial last
+            n_full = len(idx) // self.G
+            batches = [idx[i * self.G : (i + 1) * self.G] for i in range(n_full)]
+            if n_full > 2:
+                perm = torch.randperm(n_full - 1, generator=g).tolist()
+                batches = batches[:1] + [batches[1 + i] for i in perm]
+            idx = [i for b in batches for i in b] + idx[n_full * self.G :]
         else:
             idx = torch.randperm(len(self.lengths), generator=g).tolist()
         pad = len(self) - len(idx)
@@ -219,12 +232,27 @@ class Feature:
     labels: list[int]
     expected: str  # decoded text the unmasked labels must equal (pre-flight)
     source: str
+    truncated: int = 0  # prompt tokens cut from the left to fit max_length
 
 
 def build_feature(
-    fmt: ChatFormat, message: str, answer: str, max_length: int, source: str, eos_ids: set[int]
+    fmt: ChatFormat,
+    message: str,
+    answer: str,
+    max_length: int,
+    source: str,
+    eos_ids: set[int],
+    truncation: str = "error",
 ) -> Feature:
+    """One training sequence: prompt (masked) + answer + end-of-turn (trained).
+
+    A sequence longer than ``max_length``: ``truncation="error"`` stops the run;
+    ``"truncate"`` cuts the prompt from the left (the answer and the end-of-turn token
+    are kept whole, at least one prompt token stays) and records how many tokens went."""
     tok = fmt.tokenizer
+    answer_ids = tok(answer, add_special_tokens=False).input_ids
+    if not answer or not answer_ids:
+        raise LadderError(f"{source}: label: the answer {answer!r} tokenises to nothing")
     prompt_ids = fmt.encode(fmt.prompt(message))
     suffix_ids = tok(fmt.answer_suffix(message, answer), add_special_tokens=False).input_ids
     cut = next((i for i, t in enumerate(suffix_ids) if t in eos_ids), None)
@@ -234,42 +262,125 @@ def build_feature(
         suffix_ids = suffix_ids + [tok.eos_token_id]
     else:
         suffix_ids = suffix_ids[: cut + 1]
-    answer_ids = tok(answer, add_special_tokens=False).input_ids
-    if not answer_ids:
-        raise LadderError(f"{source}: the answer '{answer}' tokenises to nothing")
+    truncated = 0
+    if len(prompt_ids) + len(suffix_ids) > max_length:
+        n = len(prompt_ids) + len(suffix_ids)
+        if truncation != "truncate":
+            raise LadderError(
+                f"{source}: training sequence has {n} tokens, more than max_length="
+                f"{max_length} (raise max_length, shorten the input, or set truncation: truncate)"
+            )
+        if len(suffix_ids) + 1 > max_length:
+            raise LadderError(
+                f"{source}: the answer alone has {len(suffix_ids)} tokens, more than "
+                f"max_length={max_length} allows; raise max_length"
+            )
+        truncated = n - max_length
+        prompt_ids = prompt_ids[truncated:]
     ids = prompt_ids + suffix_ids
-    if len(ids) > max_length:
-        raise LadderError(
-            f"{source}: training sequence has {len(ids)} tokens, more than max_length="
-            f"{max_length} (raise lora.max_length or shorten the input)"
-        )
     return Feature(
         input_ids=ids,
         labels=[IGNORE] * len(prompt_ids) + suffix_ids,
         expected=tok.decode(suffix_ids),
         source=source,
+        truncated=truncated,
     )
 
 
-class Collator:
-    """Right-pads a list of features; labels are padded with -100, never derived from pad."""
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit packing of sequences (in the given order) into rows of at most
+    ``capacity`` tokens; a longer sequence gets a row of its own."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i, n in enumerate(lengths):
+        j = next((k for k, r in enumerate(room) if r >= n), None)
+        if j is None:
+            rows.append([i])
+            room.append(capacity - n)
+        else:
+            rows[j].append(i)
+            room[j] -= n
+    return rows
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+
+class Collator:
+    """Builds a batch from features; labels are padded with -100, never derived from pad.
+
+    * ``packing=False``: one right-padded row per sequence, with an attention mask.
+    * ``packing=True``: the micro-batch's sequences are packed into rows of at most
+      ``pack_length`` tokens with ``position_ids`` restarting at 0 for each sequence and
+      no 2-D attention mask: transformers then builds a block-diagonal causal mask from
+      the position ids (``masking_utils.find_packed_sequence_indices``; needs
+      ``use_cache=False``, which the batch sets), so no token attends across a sequence
+      boundary. Row padding is a sequence of its own (masked, never attended by real
+      tokens). Every sequence starts with a masked prompt token, so the causal shift
+      never trains a token on its neighbour's start.
+    * ``keep_logits``: adds ``logits_to_keep`` (a boolean mask of the positions whose next
+      token is supervised): the model projects only those hidden states on the
+      vocabulary, instead of batch x length x vocab logits. ``n_virtual`` leading
+      positions (prompt tuning's soft prompt) are never kept.
+    """
+
+    def __init__(self, pad_id: int, packing: bool = False, pack_length: int = 2048,
+                 keep_logits: bool = False, n_virtual: int = 0):
+        self.pad_id, self.packing, self.pack_length = pad_id, packing, pack_length
+        self.keep_logits, self.n_virtual = keep_logits, n_virtual
 
     def __call__(self, feats: list[dict]) -> dict[str, Any]:
         import torch
 
-        T = max(len(f["input_ids"]) for f in feats)
-        ids = torch.full((len(feats), T), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(feats), T), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(feats), T), dtype=torch.long)
-        for i, f in enumerate(feats):
-            n = len(f["input_ids"])
-            ids[i, :n] = torch.tensor(f["input_ids"])
-            labels[i, :n] = torch.tensor(f["labels"])
-            mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if self.packing:
+            groups = pack_rows([len(f["input_ids"]) for f in feats], self.pack_length)
+            seqs = [[feats[i] for i in g] for g in groups]
+        else:
+            seqs = [[f] for f in feats]
+        T = max(sum(len(f["input_ids"]) for f in row) for row in seqs)
+        B = len(seqs)
+        ids = torch.full((B, T), self.pad_id, dtype=torch.long)
+        labels = torch.full((B, T), IGNORE, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        pos = torch.zeros((B, T), dtype=torch.long)
+        for b, row in enumerate(seqs):
+            at = 0
+            for f in row:
+                n = len(f["input_ids"])
+                ids[b, at : at + n] = torch.tensor(f["input_ids"])
+                labels[b, at : at + n] = torch.tensor(f["labels"])
+                mask[b, at : at + n] = 1
+                pos[b, at : at + n] = torch.arange(n)
+                at += n
+            pos[b, at:] = torch.arange(T - at)  # padding: a separate (masked) sequence
+        out: dict[str, Any] = {"input_ids": ids, "labels": labels}
+        if self.packing:
+            out["position_ids"] = pos
+            out["use_cache"] = False  # a cache object disables packed-sequence detection
+        else:
+            out["attention_mask"] = mask
+        if self.keep_logits:
+            keep = torch.zeros((B, self.n_virtual + T), dtype=torch.bool)
+            keep[:, self.n_virtual : self.n_virtual + T - 1] = labels[:, 1:] != IGNORE
+            out["logits_to_keep"] = keep
+        return out
+
+
+def token_loss(outputs, labels, num_items_in_batch=None):
+    """Sum of the supervised tokens' cross-entropy over ``num_items_in_batch`` (the whole
+    accumulated, all-rank step's supervised token count; the batch's own when None).
+
+    With ``logits_to_keep`` the model returned logits for the supervised positions only,
+    flattened in row order; the targets are the shifted labels in the same order. A model
+    that ignored the mask returns full logits: the supervised positions are picked here."""
+    import torch.nn.functional as F
+
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    shift = labels[:, 1:]
+    keep = shift != IGNORE
+    targets = shift[keep]
+    if logits.dim() == 3:
+        logits = logits[:, -labels.shape[1] :][:, :-1][keep]
+    loss = F.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum")
+    denom = num_items_in_batch if num_items_in_batch is not None else max(targets.numel(), 1)
+    return loss / denom
 
 
 def preflight(batch: dict, tokenizer, feats: list[Feature], answers: list[str]) -> None:
@@ -299,52 +410,211 @@ class _ListDataset:
         return self.rows[i]
 
 
-def train(model, tokenizer, feats: list[Feature], answers: list[str], cfg, work_dir, seed: int) -> dict:
-    """Train ``model`` (already PEFT-wrapped or full) on features with HF Trainer.
+# --------------------------------------------------------------------------- dev split, checkpoints
+
+DEV_MIN_TRAIN = 20  # below this many train examples no dev set is carved
+CKPT_STAMP = "lmladder_fingerprint.txt"
+
+
+def carve_dev(n: int, fraction: float, dev_max: int, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, dev indices): a seeded sample of ``round(n * fraction)`` examples
+    (at least 1, at most ``dev_max``) held out for the dev loss; none when ``fraction``
+    is 0 or fewer than ``DEV_MIN_TRAIN`` examples."""
+    import random
+
+    if fraction <= 0 or n < DEV_MIN_TRAIN:
+        return list(range(n)), []
+    k = min(dev_max, max(1, round(n * fraction)))
+    dev = sorted(random.Random(seed).sample(range(n), k))
+    held = set(dev)
+    return [i for i in range(n) if i not in held], dev
+
+
+def checkpoint_step(path) -> int | None:
+    from pathlib import Path
+
+    name = Path(path).name
+    if not name.startswith("checkpoint-"):
+        return None
+    tail = name[len("checkpoint-"):]
+    return int(tail) if tail.isdigit() else None
+
+
+def latest_checkpoint(ckpt_dir) -> str | None:
+    """The newest complete checkpoint in ``ckpt_dir``: a ``checkpoint-N`` folder (they
+    appear by an atomic rename, only once fully written) with its trainer state."""
+    from pathlib import Path
+
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return None
+    done = [p for p in d.iterdir() if p.is_dir() and checkpoint_step(p) is not None
+            and (p / "trainer_state.json").is_file()]
+    return str(max(done, key=checkpoint_step)) if done else None
+
+
+def prepare_checkpoint_dir(ckpt_dir, fingerprint: str) -> str | None:
+    """Make ``ckpt_dir`` ready for this run and return the checkpoint to resume from.
+    Leftover staging folders (a save killed half-way) are removed; checkpoints written
+    under another fingerprint (other config / data) are discarded."""
+    import shutil
+    from pathlib import Path
+
+    d = Path(ckpt_dir)
+    stamp = d / CKPT_STAMP
+    if d.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint):
+        log.info("%s: checkpoints from another configuration, starting afresh", d)
+        shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True)
+    for p in d.iterdir():
+        if p.is_dir() and p.name.startswith(".tmp-"):
+            shutil.rmtree(p, ignore_errors=True)
+    from lmladder.io import atomic_write_text
+
+    atomic_write_text(stamp, fingerprint + "\n")
+    return latest_checkpoint(d)
+
+
+def _auto_steps(total: int, times: int) -> int:
+    return max(1, total // times)
+
+
+def train(
+    model,
+    tokenizer,
+    feats: list[Feature],
+    answers: list[str],
+    cfg,
+    work_dir,
+    seed: int,
+    *,
+    checkpoint_dir=None,
+    fingerprint: str | None = None,
+    no_packing_reason: str | None = None,
+    n_virtual: int = 0,
+    name: str = "lora",
+) -> dict:
+    """Train ``model`` (already PEFT-wrapped, or a full model) on features with HF Trainer.
 
     Works the same in one process and under ``torchrun`` / ``accelerate launch``: every
-    rank calls this with the same features; the global batch is the config's."""
+    rank calls this with the same features; the global batch is the config's.
+
+    * A dev set is carved from ``feats`` (seeded, ``cfg.dev_fraction``); the dev loss is
+      logged every ``eval_steps``; with checkpoints on, training stops after
+      ``early_stopping_patience`` evaluations without improvement and the best
+      checkpoint is loaded at the end.
+    * With ``checkpoint_dir`` (one process only), a checkpoint is written atomically every
+      ``save_steps``; a run with the same ``fingerprint`` resumes from the newest one.
+    * Packing (``cfg.packing``) unless ``no_packing_reason`` says why the rung cannot.
+    """
     import torch
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
     rank, world, _ = dist_env()
     micro, accum = split_global_batch(cfg.batch_size, cfg.grad_accum, world)
     global_batch = cfg.batch_size * cfg.grad_accum
     set_seed(seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    collator = Collator(pad_id)
     n_check = min(len(feats), cfg.batch_size)
     preflight(
-        collator([{"input_ids": f.input_ids, "labels": f.labels} for f in feats[:n_check]]),
+        Collator(pad_id)([{"input_ids": f.input_ids, "labels": f.labels} for f in feats[:n_check]]),
         tokenizer, feats[:n_check], answers[:n_check],
     )
-    rows = [{"input_ids": f.input_ids, "labels": f.labels, "length": len(f.input_ids)} for f in feats]
+    packing = bool(cfg.packing) and no_packing_reason is None
+    if cfg.packing and no_packing_reason:
+        log.info("%s: packing off: %s", name, no_packing_reason)
+    collator = Collator(pad_id, packing=packing, pack_length=cfg.pack_length, keep_logits=True,
+                        n_virtual=n_virtual)
+    train_idx, dev_idx = carve_dev(len(feats), cfg.dev_fraction, cfg.dev_max, seed)
+
+    def rows_of(idx):
+        return [{"input_ids": feats[i].input_ids, "labels": feats[i].labels,
+                 "length": len(feats[i].input_ids)} for i in idx]
+
+    rows, dev_rows = rows_of(train_idx), rows_of(dev_idx)
     steps_per_epoch = math.ceil(len(rows) / global_batch)
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
     cuda = torch.cuda.is_available()
-    sampler = GlobalBatchSampler([r["length"] for r in rows], global_batch, seed)
+    sampler = GlobalBatchSampler([r["length"] for r in rows], global_batch, seed, cfg.group_by_length)
+
+    save = checkpoint_dir is not None and cfg.checkpoints and world == 1
+    if checkpoint_dir is not None and cfg.checkpoints and world > 1:
+        log.info("%s: checkpoints and early stopping are single-process only; off under %d processes",
+                 name, world)
+    evaluate = bool(dev_rows)
+    eval_steps = cfg.eval_steps or _auto_steps(total_steps, 5)
+    save_steps = cfg.save_steps or (eval_steps if evaluate else _auto_steps(total_steps, 5))
+    best = evaluate and save
+    if best and save_steps % eval_steps:
+        raise LadderError(
+            f"{name}.save_steps={save_steps} must be a multiple of {name}.eval_steps={eval_steps} "
+            f"(the best checkpoint is chosen among the evaluated ones)"
+        )
+    resume = prepare_checkpoint_dir(checkpoint_dir, fingerprint or "") if save else None
+    out_dir = checkpoint_dir if save else work_dir
 
     class _Trainer(Trainer):
         def _get_train_sampler(self, train_dataset=None):
             return sampler
 
+        def _save_checkpoint(self, model, trial):
+            # Atomic: Trainer writes into a staging folder, which is renamed into place
+            # only once complete; a kill mid-save leaves no half checkpoint-N behind.
+            import shutil
+            import tempfile
+
+            from transformers.trainer_utils import rotate_checkpoints
+
+            run_dir = self.args.output_dir
+            folder = f"checkpoint-{self.state.global_step}"
+            stage = tempfile.mkdtemp(prefix=".tmp-", dir=run_dir)
+            self._get_output_dir = lambda trial=None: stage
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                del self._get_output_dir
+            final = os.path.join(run_dir, folder)
+            b = self.state.best_global_step
+            if b and (b == self.state.global_step or os.path.isdir(os.path.join(run_dir, f"checkpoint-{b}"))):
+                self.state.best_model_checkpoint = os.path.join(run_dir, f"checkpoint-{b}")
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(stage, folder, "trainer_state.json"))
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(stage, folder), final)
+            shutil.rmtree(stage, ignore_errors=True)
+            if self.args.should_save:
+                rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+
     args = TrainingArguments(
-        output_dir=str(work_dir),
+        output_dir=str(out_dir),
         per_device_train_batch_size=micro,
+        per_device_eval_batch_size=micro,
         gradient_accumulation_steps=accum,
         learning_rate=cfg.lr,
         num_train_epochs=cfg.epochs,
         max_steps=total_steps,
-        lr_scheduler_type="linear",
+        lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay,
-        logging_steps=max(1, total_steps // 20),
-        save_strategy="no",
+        logging_steps=cfg.logging_steps or _auto_steps(total_steps, 20),
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=eval_steps if evaluate else None,
+        prediction_loss_only=True,
+        save_strategy="steps" if save else "no",
+        save_steps=save_steps,
+        save_total_limit=2 if save else None,
+        load_best_model_at_end=best,
+        metric_for_best_model="eval_loss" if best else None,
+        greater_is_better=False if best else None,
         report_to="none",
         seed=seed,
         data_seed=seed,
         use_cpu=not cuda,
         bf16=cuda and torch.cuda.is_bf16_supported(),
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=None if rank == 0 else True,
@@ -355,30 +625,52 @@ def train(model, tokenizer, feats: list[Feature], answers: list[str], cfg, work_
     )
     if world > 1:
         log.info(
-            "lora: %d processes x micro-batch %d x grad_accum %d = global batch %d",
-            world, micro, accum, global_batch,
+            "%s: %d processes x micro-batch %d x grad_accum %d = global batch %d",
+            name, world, micro, accum, global_batch,
         )
+    callbacks = []
+    if best and cfg.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = _Trainer(
-        model=model, args=args, train_dataset=_ListDataset(rows), data_collator=collator
+        model=model, args=args, train_dataset=_ListDataset(rows),
+        eval_dataset=_ListDataset(dev_rows) if evaluate else None,
+        data_collator=collator, compute_loss_func=token_loss, callbacks=callbacks,
     )
     sharded = sharding_requested()
     if sharded or getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
         # rank 0 saves and evaluates the in-memory model: a sharded one would be wrong
         raise LadderError(SHARDING_ERROR.format(what=" / ".join(sharded) or "FSDP / DeepSpeed"))
+    if resume:
+        log.info("%s: resuming from %s", name, resume)
     t0 = time.perf_counter()
-    out = trainer.train()
+    out = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    tokens = sum(len(r["input_ids"]) for r in rows) * (total_steps / max(steps_per_epoch, 1))
+    hist = trainer.state.log_history
+    losses = [h["loss"] for h in hist if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in hist if "eval_loss" in h]
+    steps = out.global_step
+    avg_len = sum(r["length"] for r in rows) / max(len(rows), 1)
+    tokens = avg_len * global_batch * steps
     model.eval()
     return {
         "train_seconds": seconds,
-        "steps": out.global_step,
-        "train_loss": float(out.training_loss),
+        "steps": steps,
+        "train_loss": float(sum(losses) / len(losses)) if losses else float(out.training_loss),
+        "final_train_loss": losses[-1] if losses else None,
         "loss_curve": losses,
         "train_tokens": int(tokens),
         "train_tokens_per_second": tokens / seconds if seconds else None,
-        "supervised_tokens": sum(sum(1 for l in f.labels if l != IGNORE) for f in feats),
+        "supervised_tokens": sum(sum(1 for l in feats[i].labels if l != IGNORE) for i in train_idx),
+        "train_examples": len(rows),
+        "dev_examples": len(dev_rows),
+        "eval_curve": [[s_, l_] for s_, l_ in evals],
+        "best_eval_loss": min((l_ for _, l_ in evals), default=None),
+        "best_step": int(trainer.state.best_global_step) if best and trainer.state.best_global_step else None,
+        "stopped_early": bool(best and steps < total_steps),
+        "resumed_from": checkpoint_step(resume) if resume else None,
+        "packing": packing,
+        **({"packing_off": no_packing_reason} if no_packing_reason else {}),
+        "truncated": sum(1 for f in feats if f.truncated),
         "world_size": world,
         "global_batch": global_batch,
         "per_device_batch": micro,

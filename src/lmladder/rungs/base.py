@@ -22,11 +22,24 @@ class Rung:
     cost_rank: ClassVar[int]  # position on the ladder: cheaper rungs first
     trains: ClassVar[bool] = False
     summary: ClassVar[str] = ""
+    # task kinds the rung can handle (tagging needs a token-classification head)
+    kinds: ClassVar[tuple[str, ...]] = (
+        "classification", "math", "qa", "extraction", "multiple-choice", "generation"
+    )
+    uses_base: ClassVar[bool] = True  # False: the ladder need not load the causal LM for it
+    # folder under rungs/<rung>/ holding a whole causal LM that `from: <rung>` can start from
+    output_model: ClassVar[str | None] = None
 
     @classmethod
     def validate(cls, cfg, dataset) -> None:
         """Optional: checks that need no model (a corpus that exists, tools that import,
         a grammar that compiles); raise LadderError. Runs before anything is written."""
+
+    @classmethod
+    def fingerprint_extra(cls, cfg) -> dict:
+        """Optional: what the rung reads besides its config that must rerun it when it
+        changes (e.g. a corpus file's content digest); added to the fingerprint."""
+        return {}
 
     def __init__(self, ctx, cfg, out_dir: Path):
         self.ctx, self.cfg, self.out_dir = ctx, cfg, out_dir

@@ -10,6 +10,17 @@ class ZeroShot(Rung):
     cost_rank = 0
     summary = "instruction + input, no examples"
 
+    @classmethod
+    def validate(cls, cfg, dataset) -> None:
+        if cfg.zero_shot.constrained:  # a grammar that does not compile: one line, before model work
+            from lmladder.rungs.cot import validate_grammars
+
+            validate_grammars(cfg, dataset, "zero-shot.constrained", reasoning=False)
+
+    @classmethod
+    def fingerprint_extra(cls, cfg) -> dict:
+        return {"constrained_engine": cfg.constrained.engine} if cfg.zero_shot.constrained else {}
+
     def prepare(self) -> None:
         task = self.ctx.task
         self.messages = [task.user_message(ex) for ex in self.ctx.data.test]

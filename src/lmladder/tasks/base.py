@@ -61,6 +61,17 @@ class Task:
     def __init__(self, cfg, labels: Sequence[str], eval_cfg, seed: int):
         self.cfg, self.labels, self.eval_cfg, self.seed = cfg, list(labels), eval_cfg, seed
 
+    @classmethod
+    def metrics_for(cls, task_cfg) -> tuple[str, ...]:
+        """The metric names a run of this kind reports (the first is the default primary);
+        a kind with a configurable metric (generation's metric_fn) adds it here."""
+        return cls.metric_names
+
+    def setup(self, dataset) -> None:
+        """Learn what the task needs from the loaded data (extraction: entity types seen in
+        train) and check every gold (a math answer that is not a number); raise
+        LadderError naming file:line: field. Called before any model work."""
+
     # ------------------------------------------------------------------ prompts
     @property
     def instruction(self) -> str:
@@ -84,9 +95,23 @@ class Task:
         pairs = [e if isinstance(e, tuple) else (self.query(e), self.answer(e)) for e in examples]
         hints = self.hints() if reasoning is None else [reasoning]
         return prompts.user_message(
-            instruction or self.instruction, q, pairs, None,
+            instruction or getattr(x, "instruction", None) or self.instruction, q, pairs, None,
             answer_word=self.answer_word, hints=hints, context=context,
         )
+
+    def train_message(self, example) -> str:
+        """The prompt a training rung learns from. With ``task.templates`` (FLAN-style),
+        each example gets a seeded choice among the default template and those."""
+        templates = getattr(self.cfg, "templates", None)
+        if not templates:
+            return self.user_message(example)
+        import random, zlib
+
+        i = random.Random(zlib.crc32(f"{self.seed}:{example.id}".encode())).randrange(len(templates) + 1)
+        if i == 0:
+            return self.user_message(example)
+        instr = example.instruction or self.instruction
+        return templates[i - 1].format(instruction=instr.strip(), input=self.query(example))
 
     # ------------------------------------------------------------------ targets
     def answer(self, example) -> str:
@@ -95,6 +120,11 @@ class Task:
 
     def gold(self, example) -> Any:
         return example.target
+
+    def reasoning_answer(self, example) -> str | None:
+        """A worked reasoning text ending in 'Answer: <answer>' for in-context reasoning
+        examples (cot / few-shot), when the data has one (math: GSM8K's solution); else None."""
+        return None
 
     # ------------------------------------------------------------------ outputs
     def parse(self, text: str, example=None) -> tuple[Any, str | None]:
@@ -118,8 +148,10 @@ class Task:
     def grammar(self, example=None) -> Grammar | None:
         return None
 
-    def verify(self, pred, example) -> float | None:
-        """A programmatic check of a candidate (1 = passes); None when the task has none."""
+    def verify(self, candidate: dict, example) -> float | None:
+        """A programmatic check of one candidate, the prediction dict ``{"pred", "raw",
+        "error"}`` (the raw text lets a checker look at the reasoning): a score in [0, 1]
+        (1 = passes), or None when the task has no check for it."""
         return None
 
     # ------------------------------------------------------------------ scoring
@@ -128,6 +160,10 @@ class Task:
 
     def score(self, golds: list, preds: list) -> dict[str, dict]:
         raise NotImplementedError
+
+    def mean_metrics(self, per_example: dict[str, list[float]]) -> dict[str, dict]:
+        """{name: {value, ci}}: means of per-example scores with bootstrap CIs."""
+        return {k: mean_ci(v, self.eval_cfg.bootstrap, self.seed) for k, v in per_example.items()}
 
     # ------------------------------------------------------------------ prediction
     def predict(self, model, fmt, messages: list[str], examples=None, desc: str = "",

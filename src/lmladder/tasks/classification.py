@@ -98,7 +98,7 @@ class ClassificationTask(Task):
             preds.append({"pred": self.labels[best], "scores": dict(zip(self.labels, row))})
         return preds
 
-    def verify(self, pred, example):
+    def verify(self, candidate, example):
         return None
 
     def score(self, golds: list[str], preds: list[str]) -> dict[str, dict]:

@@ -1,0 +1,90 @@
+"""Forgetting check: perplexity of a general text sample before and after training.
+
+Every weight-update rung scores the same text (default: a WikiText-2 sample shipped in
+``lmladder/data_files``) with the model it starts from and with the trained model, and
+reports both in its result (``details.forgetting``). A large rise means the adaptation
+damaged general language modelling.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+from pathlib import Path
+
+from lmladder.errors import LadderError
+
+BUILTIN = "builtin"
+BUILTIN_NAME = "wikitext2 sample"
+
+
+def load_texts(spec: str) -> tuple[list[str], str]:
+    """(paragraphs, display name) from ``'builtin'`` or a JSONL file of ``{"text": ...}`` rows."""
+    if spec == BUILTIN:
+        raw = resources.files("lmladder").joinpath("data_files/wikitext2_sample.jsonl").read_text("utf-8")
+        source, name = "lmladder/data_files/wikitext2_sample.jsonl", BUILTIN_NAME
+    else:
+        p = Path(spec).expanduser()
+        if not p.is_file():
+            raise LadderError(f"forgetting_text: {spec}: file not found (give a JSONL file, 'builtin' or null)")
+        raw, source, name = p.read_text("utf-8"), str(p), p.name
+    texts = []
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise LadderError(f"{source}:{i}: forgetting_text: not valid JSON") from None
+        text = row.get("text") if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            raise LadderError(f"{source}:{i}: text: missing or not a string")
+        if text.strip():
+            texts.append(text)
+    if not texts:
+        raise LadderError(f"{source}: forgetting_text: no text rows")
+    return texts, name
+
+
+def token_chunks(tokenizer, texts: list[str], max_tokens: int, max_len: int = 256) -> list[list[int]]:
+    """Paragraphs as token sequences (at most ``max_len`` each) until ``max_tokens`` in all."""
+    chunks, total = [], 0
+    for t in texts:
+        ids = tokenizer(t, add_special_tokens=False).input_ids[:max_len]
+        ids = ids[: max_tokens - total]
+        if len(ids) >= 2:
+            chunks.append(ids)
+            total += len(ids)
+        if total >= max_tokens:
+            break
+    return chunks
+
+
+def perplexity(model, chunks: list[list[int]], pad_id: int, batch_size: int = 4) -> float:
+    """exp(mean next-token NLL) over every token but each chunk's first."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(chunks), batch_size):
+            batch = chunks[s : s + batch_size]
+            T = max(map(len, batch))
+            ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), T), dtype=torch.long)
+            for b, c in enumerate(batch):
+                ids[b, : len(c)] = torch.tensor(c)
+                mask[b, : len(c)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            logits = logits[:, -T:][:, :-1].float()
+            target = ids[:, 1:].to(device)
+            valid = mask[:, 1:].bool().to(device)
+            nll += F.cross_entropy(logits[valid], target[valid], reduction="sum").item()
+            count += int(valid.sum())
+    if was_training:
+        model.train()
+    return math.exp(nll / max(count, 1))

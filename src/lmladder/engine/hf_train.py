@@ -1,0 +1,63 @@
+"""A plain transformers ``Trainer`` run for the rungs that train outside engine/sft.py
+(encoder: a classification / tagging head; continued-pretraining: packed raw-text blocks).
+
+One place for the arguments both use (AdamW, linear decay after warmup, no checkpoints,
+bf16 on CUDA devices that support it, fp32 on CPU) and for the stats they report."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+
+def total_steps(cfg, n_rows: int) -> int:
+    """Optimizer steps: ``cfg.max_steps`` or ceil(epochs x batches per epoch)."""
+    G = cfg.batch_size * getattr(cfg, "grad_accum", 1)
+    return cfg.max_steps or max(1, math.ceil(math.ceil(n_rows / G) * cfg.epochs))
+
+
+def train(model, cfg, rows: list[dict], collator, work_dir: Path, seed: int, **extra) -> dict[str, Any]:
+    """Train ``model`` on ``rows`` with ``cfg``'s lr / epochs / max_steps / batch_size /
+    grad_accum / warmup_ratio / weight_decay; ``work_dir`` is scratch (removed after).
+    Returns train_seconds, steps, train_loss, loss_curve."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    steps = total_steps(cfg, len(rows))
+    cuda = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(work_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=getattr(cfg, "grad_accum", 1),
+        learning_rate=cfg.lr,
+        num_train_epochs=cfg.epochs,
+        max_steps=steps,
+        lr_scheduler_type="linear",
+        warmup_steps=cfg.warmup_ratio,  # < 1: a share of the steps
+        weight_decay=cfg.weight_decay,
+        logging_steps=max(1, steps // 20),
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        dataloader_num_workers=0,
+        log_level="error",
+        **extra,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+    t0 = time.perf_counter()
+    out = trainer.train()
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(work_dir, ignore_errors=True)
+    model.eval()
+    return {
+        "train_seconds": seconds,
+        "steps": out.global_step,
+        "train_loss": float(out.training_loss),
+        "loss_curve": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+    }

@@ -1,0 +1,217 @@
+"""What every weight-update rung shares: features, training with checkpoints / resume /
+early stopping (engine/sft.py), the forgetting check, saving the trained weights with the
+rung fingerprint (and reusing them when a later run finds the same fingerprint), and
+handing the shared base model back untouched in ``close()``.
+
+A subclass says how to get the model it trains (``base_for_training``), how to make it
+trainable (``wrap``), how to load saved weights (``load_saved``) and how to undo its
+changes (``release``).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lmladder.io import atomic_dir
+from lmladder.rungs.base import Rung
+
+log = logging.getLogger(__name__)
+
+
+class SftRung(Rung):
+    trains = True
+    artifact = "adapter"  # folder under rungs/<rung>/ with the trained weights
+    no_packing_reason: str | None = None  # why this rung cannot pack sequences, if it cannot
+
+    # ------------------------------------------------------------------ hooks
+
+    def base_for_training(self):
+        """The model this rung starts from (default: the shared base)."""
+        return self.ctx.base()[0]
+
+    def wrap(self, model):
+        """Make ``model`` trainable (PEFT wrapper, or the model itself)."""
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.peft_config())
+
+    def peft_config(self):
+        raise NotImplementedError
+
+    def load_saved(self, model, folder: Path):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, folder)
+
+    def release(self, model) -> None:
+        """Undo what ``wrap`` / ``load_saved`` did to the shared base (adapters injected
+        into its modules are removed)."""
+        base = model.unload()
+        self._restore_base(base)
+
+    def scoring_model(self):
+        """The model handed to the task for predictions (and used for perplexity)."""
+        return self.model
+
+    def n_virtual(self) -> int:
+        return 0
+
+    # ------------------------------------------------------------------ rung interface
+
+    def prepare(self) -> None:
+        from lmladder.engine import sft
+
+        task, fmt = self.ctx.task, self.ctx.fmt()
+        model, tok = self.ctx.base()
+        eos = sft.eos_token_ids(tok, model)
+        train = self.ctx.data.train
+        self.answers = [task.answer(e) for e in train]
+        self.features = [
+            sft.build_feature(fmt, task.train_message(e), a, self.cfg.max_length, e.source, eos,
+                              truncation=self.cfg.truncation)
+            for e, a in zip(train, self.answers)
+        ]
+        self.truncated = sum(1 for f in self.features if f.truncated)
+        if self.truncated:
+            log.warning("%s: %d training sequence(s) longer than max_length=%d: prompt cut from the left",
+                        self.name, self.truncated, self.cfg.max_length)
+        self.messages = [task.user_message(ex) for ex in self.ctx.data.test]
+        self.adapter_dir = self.out_dir / self.artifact
+        self.model = None
+        self._trainable = 0
+        self._total = 0
+
+    def _count(self, model, loaded: bool = False) -> None:
+        """Trainable parameters: those requiring grad; for saved PEFT weights loaded for
+        inference (frozen), the size of the adapter's own state."""
+        if loaded and hasattr(model, "peft_config"):
+            from peft import get_peft_model_state_dict
+
+            self._trainable = sum(v.numel() for v in get_peft_model_state_dict(model).values())
+        else:
+            self._trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self._total = sum(p.numel() for p in model.parameters())
+
+    def fit(self) -> dict[str, Any]:
+        from lmladder.engine import sft
+
+        _, tok = self.ctx.base()
+        main = sft.is_main()
+        fp = self.ctx.fingerprint(self.name)
+        stamp = self.adapter_dir / "lmladder_fingerprint.txt"
+        reuse = main and stamp.is_file() and stamp.read_text().strip() == fp
+        reuse = sft.broadcast(reuse)  # rank 0 decides; only it evaluates, so only it loads
+        if reuse and not main:
+            return {"reused_adapter": True}
+        start = self.base_for_training()
+        forgetting = self._forgetting_setup(start, tok) if main else None
+        if reuse:
+            log.info("%s: reusing the trained weights in %s", self.name, self.adapter_dir)
+            self.model = self.load_saved(start, self.adapter_dir)
+            self._count(self.model, loaded=True)
+            self.model.eval()
+            stats: dict[str, Any] = {"reused_adapter": True, "truncated": self.truncated}
+        else:
+            self.model = self.wrap(start)
+            self._count(self.model)
+            # the run folder holds the checkpoints (rank 0); other ranks use a private temp folder
+            work = self.out_dir / ".trainer" if main else Path(tempfile.mkdtemp(prefix="lmladder-trainer-"))
+            stats = sft.train(
+                self.model, tok, self.features, self.answers, self.cfg, work, self.ctx.cfg.seed,
+                checkpoint_dir=self.out_dir / "checkpoints" if main else None, fingerprint=fp,
+                no_packing_reason=self.no_packing_reason, n_virtual=self.n_virtual(), name=self.name,
+            )
+            shutil.rmtree(work, ignore_errors=True)
+            if main:
+                with atomic_dir(self.adapter_dir) as tmp:
+                    self.model.save_pretrained(tmp, safe_serialization=True)
+                    (tmp / "lmladder_fingerprint.txt").write_text(fp + "\n")
+                # the trained weights are saved: the checkpoints are no longer needed
+                shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)
+        stats["trainable_params"] = self._trainable
+        stats["trainable_share"] = self._trainable / max(self._base_params(), 1)
+        if forgetting is not None:
+            chunks, info = forgetting
+            info["ppl_after"] = self._ppl(chunks, tok)
+            stats["forgetting"] = info
+        return stats
+
+    def _base_params(self) -> int:
+        return self.ctx.model_info.get("parameters") or self._total
+
+    def _forgetting_setup(self, start, tok):
+        """Perplexity of the forgetting text under the starting model (None when disabled)."""
+        from lmladder.engine import forgetting
+
+        spec = self.cfg.forgetting_text
+        if not spec:
+            return None
+        texts, name = forgetting.load_texts(spec)
+        chunks = forgetting.token_chunks(tok, texts, self.cfg.forgetting_max_tokens)
+        info = {"text": name, "tokens": sum(map(len, chunks)),
+                "ppl_before": forgetting.perplexity(start, chunks, self._pad(tok))}
+        return chunks, info
+
+    @staticmethod
+    def _pad(tok) -> int:
+        return tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def _ppl(self, chunks, tok) -> float:
+        from lmladder.engine import forgetting
+
+        return forgetting.perplexity(self.scoring_model(), chunks, self._pad(tok))
+
+    def trainable_params(self) -> int:
+        return self._trainable
+
+    def predict(self):
+        return self.ctx.task.predict(
+            self.scoring_model(), self.ctx.fmt(), self.messages, self.ctx.data.test, desc=self.name
+        )
+
+    def artifacts(self):
+        return {self.artifact: self.artifact}
+
+    def close(self) -> None:
+        if self.model is not None:
+            model, self.model = self.model, None
+            self.release(model)
+            del model
+            gc.collect()
+
+    def _restore_base(self, base) -> None:
+        """Put the shared base back as the other rungs expect it: eval mode, frozen,
+        no activation checkpointing."""
+        base.eval()
+        for p in base.parameters():
+            p.requires_grad_(False)
+        if getattr(base, "is_gradient_checkpointing", False):
+            base.gradient_checkpointing_disable()
+        self.ctx.set_base(base)
+
+
+class PromptLearningRung(SftRung):
+    """Prompt / prefix tuning: PEFT wraps the base without touching its modules; the
+    trained virtual tokens are served through engine/prompt_learning.VirtualTokenModel."""
+
+    no_packing_reason = (
+        "the learned virtual tokens must precede every sequence, which a packed row "
+        "cannot give each of its sequences"
+    )
+
+    def scoring_model(self):
+        from lmladder.engine.prompt_learning import VirtualTokenModel
+
+        if getattr(self, "_scorer", None) is None or self._scorer.peft_model is not self.model:
+            self.model.eval()
+            self._scorer = VirtualTokenModel(self.model)
+        return self._scorer
+
+    def release(self, model) -> None:
+        self._scorer = None
+        self._restore_base(model.get_base_model())
