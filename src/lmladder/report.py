@@ -148,10 +148,17 @@ def table_rows(results: dict) -> list[dict]:
         share = c.get("trainable_share") or 0
         row["trainable params"] = _fmt_int(c["trainable_params"]) + (f" ({share:.2%})" if share else "")
         row["train s"] = f"{c['train_seconds']:.1f}"
-        row["eval ex/s"] = f"{c['eval_examples_per_second']:.1f}" if c.get("eval_examples_per_second") else "-"
+        eps = c.get("eval_examples_per_second")
+        row["eval ex/s"] = (f"{eps:.1f}" if eps >= 1 else f"{eps:.2f}") if eps else "-"
         row["prompt tok/call"] = f"{c['prompt_tokens_per_example']:.0f}"
         row["peak RSS MB"] = f"{c['peak_rss_mb']:.0f}"
         rows.append(row)
+    details = [r.get("details") or {} for r in results["rungs"]]
+    if any("generated_tokens_per_example" in d for d in details):  # generative rungs: decode cost
+        for row, d in zip(rows, details):
+            g = d.get("generated_tokens_per_example")
+            row["samples/ex"] = str(d.get("samples_per_example", 1)) if g is not None else "-"
+            row["gen tok/ex"] = f"{g:.0f}" if g is not None else "-"
     forgetting = [(r.get("details") or {}).get("forgetting") for r in results["rungs"]]
     if any(forgetting):  # weight-update rungs: general-text perplexity before -> after training
         for row, f in zip(rows, forgetting):
