@@ -61,3 +61,19 @@ class Rung:
 
     def close(self) -> None:
         pass
+
+
+class PromptRung(Rung):
+    """A prompt-only rung with a ``constrained: true`` switch (zero-shot, few-shot): its
+    grammar is checked before any model work and its engine is part of the fingerprint."""
+
+    @classmethod
+    def validate(cls, cfg, dataset) -> None:
+        if cfg.rung_config(cls.name).constrained:  # a grammar that does not compile: one line
+            from lmladder.rungs.cot import validate_grammars
+
+            validate_grammars(cfg, dataset, f"{cls.name}.constrained", reasoning=False)
+
+    @classmethod
+    def fingerprint_extra(cls, cfg) -> dict:
+        return {"constrained_engine": cfg.constrained.engine} if cfg.rung_config(cls.name).constrained else {}

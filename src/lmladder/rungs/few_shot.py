@@ -29,7 +29,7 @@ import numpy as np
 
 from lmladder.errors import LadderError
 from lmladder.io import atomic_write_json
-from lmladder.rungs.base import Rung
+from lmladder.rungs.base import PromptRung
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def fit_count(order_for: Callable[[int], Sequence], n_max: int, shot_cost: Calla
     return m
 
 
-class FewShot(Rung):
+class FewShot(PromptRung):
     name = "few-shot"
     cost_rank = 1
     summary = "k examples in the prompt"
@@ -118,14 +118,7 @@ class FewShot(Rung):
             embed.resolve(cfg.few_shot.embedder)
         if not dataset.train:
             raise LadderError("few-shot needs train examples")
-        if cfg.few_shot.constrained:  # a grammar that does not compile: one line, before model work
-            from lmladder.rungs.cot import validate_grammars
-
-            validate_grammars(cfg, dataset, "few-shot.constrained", reasoning=False)
-
-    @classmethod
-    def fingerprint_extra(cls, cfg) -> dict:
-        return {"constrained_engine": cfg.constrained.engine} if cfg.few_shot.constrained else {}
+        super().validate(cfg, dataset)
 
     # ------------------------------------------------------------------ selection
     def _embed_cache(self) -> Path:

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-from lmladder.rungs.base import Rung
+from lmladder.rungs.base import PromptRung
 
 
-class ZeroShot(Rung):
+class ZeroShot(PromptRung):
     name = "zero-shot"
     cost_rank = 0
     summary = "instruction + input, no examples"
-
-    @classmethod
-    def validate(cls, cfg, dataset) -> None:
-        if cfg.zero_shot.constrained:  # a grammar that does not compile: one line, before model work
-            from lmladder.rungs.cot import validate_grammars
-
-            validate_grammars(cfg, dataset, "zero-shot.constrained", reasoning=False)
-
-    @classmethod
-    def fingerprint_extra(cls, cfg) -> dict:
-        return {"constrained_engine": cfg.constrained.engine} if cfg.zero_shot.constrained else {}
 
     def prepare(self) -> None:
         task = self.ctx.task
