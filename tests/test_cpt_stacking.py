@@ -162,11 +162,47 @@ def test_push_pop_base_restores_the_shared_model(tmp_path, tiny_dir):
     assert ctx.base()[0] is shared
 
 
+def test_from_an_adapter_rung_merges_it_into_a_copy(tmp_path, tiny_dir):
+    """`from: lora` starts from the base with lora's saved adapter merged (a copy: the shared
+    base is untouched); the merged model's logits equal the PEFT model's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lmladder.config import RunConfig
+    from lmladder.ladder import Context
+
+    cfg = RunConfig(model=str(tiny_dir), rungs=["lora", "full"], full={"from": "lora"})
+    ctx = Context(cfg, None, None, tmp_path)
+    shared = ctx.base()[0]
+    before = {k: v.clone() for k, v in shared.state_dict().items()}
+    with pytest.raises(LadderError, match=r"from: lora: no adapter in .*rungs/lora/adapter \(did the lora rung fail\?\)"):
+        ctx.push_base("lora")
+    import copy
+
+    peft = get_peft_model(copy.deepcopy(shared), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "rungs/lora/adapter", safe_serialization=True)
+    ids = torch.tensor([[1, 5, 9, 12, 3]])
+    with torch.no_grad():
+        want = peft(input_ids=ids).logits
+    ctx.push_base("lora")
+    merged = ctx.base()[0]
+    assert merged is not shared and not hasattr(merged, "peft_config")
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+        plain = shared(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(got, plain, atol=1e-3)
+    ctx.pop_base()
+    assert ctx.base()[0] is shared
+    assert all(torch.equal(v, before[k]) for k, v in shared.state_dict().items())
+
+
 @pytest.mark.parametrize("rungs,parent,msg", [
     ("zero-shot,lora", "continued-pretraining",
      "lora.from: 'continued-pretraining' is not in rungs (zero-shot, lora); add it to rungs"),
     ("lora", "lora", "lora.from: a rung cannot start from itself"),
     ("zero-shot,lora", "zero-shot", "lora.from: rung 'zero-shot' does not produce a model to start from"),
+    ("prompt-tuning,lora", "prompt-tuning",
+     "lora.from: rung 'prompt-tuning' does not produce a model to start from"),
 ])
 def test_bad_from(tmp_path, toy_data, run_cli, rungs, parent, msg):
     train, test = toy_data

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--train", help="train file (JSONL, CSV, Parquet)")
     r.add_argument("--test", help="test file; default: a seeded split of --train")
     r.add_argument("--task", metavar="KIND", help="task kind: classification (default), math, qa, extraction, "
-                   "multiple-choice, generation")
+                   "multiple-choice, generation, preference")
     r.add_argument("--input-field", help="field with the model input (default: text)")
     r.add_argument("--label-field", help="field with the label / answer (default: label)")
     r.add_argument("--choices-field", help="multiple-choice: field with each example's list of choices")

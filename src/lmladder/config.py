@@ -35,6 +35,8 @@ class DataConfig(_Config):
     choices_field: str | None = Field(
         None, description="multiple-choice: field holding each example's list of choices."
     )
+    chosen_field: str = Field("chosen", description="preference: field holding the preferred response.")
+    rejected_field: str = Field("rejected", description="preference: field holding the dispreferred response.")
     instruction_field: str | None = Field(
         None, description="Field with a per-example instruction (multi-task / instruction-tuning data)."
     )
@@ -52,16 +54,16 @@ class DataConfig(_Config):
     )
 
 
-TASK_KINDS = ("classification", "math", "qa", "extraction", "multiple-choice", "generation", "tagging")
+TASK_KINDS = ("classification", "math", "qa", "extraction", "multiple-choice", "generation", "tagging", "preference")
 
 
 class TaskConfig(_Config):
     kind: Literal[
-        "classification", "math", "qa", "extraction", "multiple-choice", "generation", "tagging"
+        "classification", "math", "qa", "extraction", "multiple-choice", "generation", "tagging", "preference"
     ] = Field(
         "classification",
         description="Task kind: classification, math, qa, extraction, multiple-choice, generation, "
-        "tagging (BIO tags per token; encoder rung only).",
+        "tagging (BIO tags per token; encoder rung only), preference (prompt, chosen, rejected).",
     )
     instruction: str | None = Field(
         None, description="What the model should do; a default is written from the label set."
@@ -198,13 +200,23 @@ class SelfConsistencyConfig(_Sampled):
 
 class BestOfNConfig(_Sampled):
     n: int = Field(4, ge=1, description="Candidates per example.")
-    verifier: Literal["auto", "programmatic", "judge"] = Field(
-        "auto", description="auto = the task's programmatic checker when it has one, else an LM judge."
+    verifier: str = Field(
+        "auto",
+        description="auto = the task's programmatic checker when it has one, else an LM judge; "
+        "programmatic; judge; reward-model = the highest score of this run's reward-model rung "
+        "(it runs first); reward-model:<folder> = a saved reward model (rungs/reward-model/model).",
     )
     judge_model: str | None = Field(None, description="Judge model (default: the model itself).")
     judge_mode: Literal["pointwise", "ranking"] = Field(
         "pointwise", description="pointwise: score each candidate 1-10; ranking: pick the best of all at once."
     )
+
+    @field_validator("verifier")
+    @classmethod
+    def _verifier_valid(cls, v: str) -> str:
+        if v in ("auto", "programmatic", "judge", "reward-model") or (v.startswith("reward-model:") and v[13:].strip()):
+            return v
+        raise ValueError("give auto, programmatic, judge, reward-model or reward-model:<folder>")
 
 
 class ConstrainedConfig(_Config):
@@ -247,8 +259,10 @@ class PromptSearchConfig(_Constrainable):
     dev_size: int = Field(64, ge=4, description="Dev examples carved (seeded) from train for the search.")
 
 
-class TrainConfig(_Config):
-    """Fields shared by every weight-update rung (lora, qlora, ia3, prompt/prefix tuning, full)."""
+class OptimConfig(_Config):
+    """Fields shared by every weight-update rung: optimizer, steps, length, checkpoints, the
+    forgetting check (SFT rungs add packing / dev split in TrainConfig; alignment rungs
+    add their method's fields in AlignConfig)."""
 
     from_: str | None = Field(
         None,
@@ -275,30 +289,11 @@ class TrainConfig(_Config):
         description="A sequence longer than max_length: 'truncate' cuts the prompt from the "
         "left (the answer is kept; counted in the report) or 'error' stops the run.",
     )
-    packing: bool = Field(
-        True,
-        description="Pack each micro-batch's sequences into rows without padding (position ids "
-        "restart per sequence, block-diagonal attention); off where the rung cannot pack.",
-    )
-    pack_length: int = Field(
-        2048, ge=8, description="Longest packed row in tokens (a longer sequence gets its own row)."
-    )
-    group_by_length: bool = Field(True, description="Batch sequences of similar length together.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass (less memory, slower)."
     )
-    dev_fraction: float = Field(
-        0.1, ge=0, lt=1, description="Share of train held out (seeded) as a dev set for eval loss; 0 = none."
-    )
-    dev_max: int = Field(200, ge=1, description="At most this many dev examples.")
-    eval_steps: int | None = Field(
-        None, ge=1, description="Dev loss every N steps (default: about 5 times per run)."
-    )
-    early_stopping_patience: int | None = Field(
-        3, ge=1, description="Stop after N evaluations without a better dev loss; null = never."
-    )
     save_steps: int | None = Field(
-        None, ge=1, description="Checkpoint every N steps (default: at every evaluation)."
+        None, ge=1, description="Checkpoint every N steps (default: at every evaluation; about 5 per run without one)."
     )
     checkpoints: bool = Field(
         True, description="Write resumable checkpoints to rungs/<rung>/checkpoints (kept until the rung ends)."
@@ -316,12 +311,130 @@ class TrainConfig(_Config):
     )
 
 
-class LoraConfig(TrainConfig):
+class TrainConfig(OptimConfig):
+    """Supervised fine-tuning rungs (lora, qlora, ia3, prompt/prefix tuning, full): packing and
+    the dev split with early stopping (engine/sft.py)."""
+
+    packing: bool = Field(
+        True,
+        description="Pack each micro-batch's sequences into rows without padding (position ids "
+        "restart per sequence, block-diagonal attention); off where the rung cannot pack.",
+    )
+    pack_length: int = Field(
+        2048, ge=8, description="Longest packed row in tokens (a longer sequence gets its own row)."
+    )
+    group_by_length: bool = Field(True, description="Batch sequences of similar length together.")
+    dev_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of train held out (seeded) as a dev set for eval loss; 0 = none."
+    )
+    dev_max: int = Field(200, ge=1, description="At most this many dev examples.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Dev loss every N steps (default: about 5 times per run)."
+    )
+    early_stopping_patience: int | None = Field(
+        3, ge=1, description="Stop after N evaluations without a better dev loss; null = never."
+    )
+
+
+class LoraParams(_Config):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
     target_modules: str | list[str] = Field(
         "all-linear", description="Modules to adapt (PEFT syntax)."
+    )
+
+
+class LoraConfig(TrainConfig, LoraParams):
+    pass
+
+
+class AlignConfig(OptimConfig, LoraParams):
+    """Alignment / RL rungs trained by a TRL trainer (dpo, reward-model, grpo): LoRA (r, alpha,
+    dropout, target_modules) or full. ``from:`` names a rung whose model (or LoRA / IA3
+    adapter, merged) is the starting point and, for dpo / grpo, the reference."""
+
+    method: Literal["lora", "full"] = Field("lora", description="Train a LoRA adapter or all weights.")
+    logging_steps: int | None = Field(1, ge=1, description="Log loss / rewards every N steps (curves in the report).")
+
+
+class DpoConfig(AlignConfig):
+    """dpo: Direct Preference Optimization on (prompt, chosen, rejected) pairs (TRL DPOTrainer)."""
+
+    beta: float = Field(0.1, gt=0, description="DPO beta (strength of the KL anchor to the reference).")
+    loss_type: Literal[
+        "sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "aot", "aot_unpaired",
+        "apo_zero", "apo_down", "discopop", "sigmoid_norm",
+    ] = Field("sigmoid", description="TRL DPO loss type (sigmoid = the DPO paper's; ipo, hinge, ...).")
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate (LoRA; use ~5e-7..5e-6 for full).")
+    max_length: int = Field(
+        512, ge=8, description="Longest prompt + response (+ end of turn) in tokens; a longer pair has its prompt "
+        "cut from the left (counted; truncation: error stops instead)."
+    )
+    batch_size: int = Field(4, ge=1, description="Pairs per micro-batch.")
+
+
+class RewardModelConfig(AlignConfig):
+    """reward-model: a sequence-classification reward model on the pairs (TRL RewardTrainer);
+    saved merged in rungs/reward-model/model for best-of-n (verifier) and grpo (reward)."""
+
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    max_length: int = Field(
+        512, ge=8, description="Longest prompt+response in tokens (prompt cut from the left, see truncation)."
+    )
+    batch_size: int = Field(4, ge=1, description="Pairs per micro-batch.")
+    forgetting_text: str | None = Field(
+        None, description="Not used: a reward model is a classifier (no LM head to measure perplexity with)."
+    )
+
+
+class GrpoConfig(AlignConfig):
+    """grpo: RL from verifiable rewards (TRL GRPOTrainer)."""
+
+    rewards: list[str] = Field(
+        default_factory=lambda: ["builtin"],
+        description="Reward functions: 'builtin' (the task's: numeric answer for math, schema validity "
+        "for extraction, label match for classification), 'reward-model' (the reward-model rung's, or "
+        "reward-model:<folder>), or 'module:function' callables.",
+    )
+    reward_weights: list[float] | None = Field(
+        None, description="Weight of each reward in the sum (default: 1 each); one per entry of rewards."
+    )
+    num_generations: int = Field(4, ge=2, description="Completions per prompt (the group).")
+    max_completion_length: int = Field(128, ge=1, description="Longest completion in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the completions.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling top-p of the completions.")
+    beta: float = Field(0.0, ge=0, description="KL coefficient against the reference (0: no reference pass).")
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(
+        4, ge=1, description="Completions per micro-batch; batch_size x grad_accum must be a multiple of num_generations."
+    )
+    max_length: int = Field(
+        512, ge=8, description="Longest prompt + completion in tokens (prompts cut from the left, see truncation)."
+    )
+    max_steps: int | None = Field(20, ge=1, description="Optimizer steps.")
+
+
+class DistillConfig(LoraConfig):
+    """distill: a teacher labels the train inputs; a LoRA student learns its outputs (SFT)."""
+
+    teacher: str = Field(
+        "few-shot",
+        description="Who labels the train inputs: a rung name of this run (e.g. self-consistency, "
+        "few-shot), 'model:<spec>' (another model, zero-shot), or 'module:function' (a callable "
+        "taking the Example list and returning answer texts).",
+    )
+    kd: Literal["sequence", "logits"] = Field(
+        "sequence",
+        description="sequence: SFT on the teacher's answers; logits: also match the teacher's token "
+        "distributions on them (teacher: zero-shot, few-shot or model:<spec> with the same vocabulary).",
+    )
+    kd_alpha: float = Field(
+        0.5, ge=0, le=1, description="kd: logits: weight of the KL term (1 - kd_alpha on the answer's cross-entropy)."
+    )
+    kd_temperature: float = Field(1.0, gt=0, description="kd: logits: softmax temperature of teacher and student.")
+    kd_top_k: int = Field(
+        20, ge=1, description="kd: logits: the teacher's top-k tokens kept per answer token (renormalised)."
     )
 
 
@@ -416,6 +529,52 @@ class ContinuedPretrainingConfig(_Config):
     )
 
 
+JUDGE_PROMPT = (
+    "You are comparing two assistant responses to the same user message.\n\n"
+    "# User message\n{prompt}\n\n"
+    "# Response A\n{response_a}\n\n"
+    "# Response B\n{response_b}\n\n"
+    "# Question\nWhich response is more helpful, honest and harmless? "
+    "Answer with a single letter: A or B."
+)
+
+
+class JudgeConfig(_Config):
+    """preference: win rate of a rung's greedy responses against its starting model's, judged
+    pairwise by an LM (both orders; engine/judge.py)."""
+
+    n: int = Field(
+        32, ge=0, description="Test prompts (the first N) whose responses are generated and judged; 0 = no win rate."
+    )
+    max_new_tokens: int = Field(96, ge=1, description="Longest response generated per prompt (greedy).")
+    model: str | None = Field(None, description="Judge model (default: the run's base model).")
+    prompt: str = Field(
+        JUDGE_PROMPT,
+        description="Judge message with {prompt}, {response_a}, {response_b} (and optionally {instruction}); "
+        "the judge's next-token log-probs of 'A' vs 'B' decide.",
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_format(cls, v):
+        import string
+
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"not a valid template ({e}); write literal braces as {{{{ }}}}") from None
+        missing = [f for f in ("prompt", "response_a", "response_b") if f not in names]
+        if missing:
+            raise ValueError(f"the template has no {', '.join('{' + m + '}' for m in missing)} placeholder")
+        other = sorted(names - {"prompt", "response_a", "response_b", "instruction"})
+        if other:
+            raise ValueError(
+                f"unknown placeholder {', '.join('{' + o + '}' for o in other)} "
+                "(known: {prompt}, {response_a}, {response_b}, {instruction})"
+            )
+        return v
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -446,6 +605,10 @@ class RunConfig(_Config):
     prompt_search: PromptSearchConfig = Field(default_factory=PromptSearchConfig, alias="prompt-search")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     qlora: QloraConfig = Field(default_factory=QloraConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
+    reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig, alias="reward-model")
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     ia3: Ia3Config = Field(default_factory=Ia3Config)
     prompt_tuning: PromptTuningConfig = Field(default_factory=PromptTuningConfig, alias="prompt-tuning")
     prefix_tuning: PrefixTuningConfig = Field(default_factory=PrefixTuningConfig, alias="prefix-tuning")
@@ -453,6 +616,9 @@ class RunConfig(_Config):
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     continued_pretraining: ContinuedPretrainingConfig = Field(
         default_factory=ContinuedPretrainingConfig, alias="continued-pretraining"
+    )
+    judge: JudgeConfig = Field(
+        default_factory=JudgeConfig, description="preference: the LM judge of the win rate metric."
     )
     copies: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
@@ -592,6 +758,10 @@ def read_yaml(path: str | Path) -> dict:
         if isinstance(sec, dict) and isinstance(sec.get(key), str):
             p = Path(sec[key]).expanduser()
             sec[key] = str(p if p.is_absolute() else (base / p))
+    bon = raw.get("best-of-n")  # verifier: reward-model:<folder> is a path too
+    if isinstance(bon, dict) and isinstance(bon.get("verifier"), str) and bon["verifier"].startswith("reward-model:"):
+        p = Path(bon["verifier"][13:].strip()).expanduser()
+        bon["verifier"] = "reward-model:" + str(p if p.is_absolute() else (base / p))
     lines = {}
     for p, line in _yaml_lines(text).items():
         canon, model = [], RunConfig

@@ -120,6 +120,39 @@ def _choice_index(v, row: dict, choices: list[str], fld: str, loc: str) -> int:
     raise LadderError(f"{loc}: answer {s!r} is not a choice index, letter, key or choice text")
 
 
+def _turn_text(v, loc: str, role: str) -> str:
+    """A preference field as text: a string, or (OpenAI / TRL conversational shape) a list of
+    {role, content} messages, of which the last ``role`` message's content is taken."""
+    if isinstance(v, list) and v and all(isinstance(m, dict) for m in v):
+        msgs = [m for m in v if m.get("role") == role] or v
+        v = msgs[-1].get("content")
+    if not isinstance(v, str):
+        raise LadderError(f"{loc} must be text or a list of {{role, content}} messages")
+    if not v.strip():
+        raise LadderError(f"{loc} is empty")
+    return v.strip()
+
+
+def preference_example(row: dict, cfg: DataConfig, path: Path, lineno: int) -> Example:
+    """One preference row: prompt (data.input_field), chosen and rejected responses
+    (data.chosen_field / data.rejected_field). The gold is True (chosen is better);
+    ``label`` is the chosen text (what SFT rungs learn), ``fields['rejected']`` the other."""
+    texts = {}
+    for fld, role in ((cfg.input_field, "user"), (cfg.chosen_field, "assistant"), (cfg.rejected_field, "assistant")):
+        loc = where(path, lineno, fld)
+        if fld not in row or row[fld] is None:
+            present = ", ".join(sorted(map(str, row))) or "none"
+            raise LadderError(f"{loc} missing (fields present: {present})")
+        texts[fld] = _turn_text(row[fld], loc, role)
+    if texts[cfg.chosen_field] == texts[cfg.rejected_field]:
+        raise LadderError(f"{where(path, lineno, cfg.rejected_field)} is identical to {cfg.chosen_field}")
+    return Example(
+        id=f"{path.stem}:{lineno}", input=texts[cfg.input_field], label=texts[cfg.chosen_field],
+        source=f"{path}:{lineno}", target=True,
+        fields={**row, "chosen": texts[cfg.chosen_field], "rejected": texts[cfg.rejected_field]},
+    )
+
+
 def read_examples(path: str | Path, cfg: DataConfig, role: str, kind: str = "classification") -> list[Example]:
     path = Path(path)
     if not path.exists():
@@ -129,6 +162,9 @@ def read_examples(path: str | Path, cfg: DataConfig, role: str, kind: str = "cla
     structured = kind in _STRUCTURED_LABELS
     out = []
     for lineno, row in _rows(path):
+        if kind == "preference":
+            out.append(preference_example(row, cfg, path, lineno))
+            continue
         raw = {}
         for fld in (cfg.input_field, cfg.label_field):
             if fld not in row:

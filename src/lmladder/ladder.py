@@ -61,7 +61,8 @@ def parent_of(cfg: RunConfig, rung: str) -> str | None:
 
 
 def run_order(cfg: RunConfig) -> list[str]:
-    """Cost order, except that a rung with ``from:`` runs after the rung it starts from."""
+    """Cost order, except that a rung with ``from:`` runs after the rung it starts from, and a
+    rung after the rungs whose outputs it reads (``Rung.after``, e.g. best-of-n's reward model)."""
     out: list[str] = []
 
     def place(r: str) -> None:
@@ -69,6 +70,9 @@ def run_order(cfg: RunConfig) -> list[str]:
             p = parent_of(cfg, r)
             if p:
                 place(p)
+            for dep in rung_class(r).after(cfg, r):  # rungs whose outputs r reads
+                if dep in cfg.rungs and dep != r:
+                    place(dep)
             out.append(r)
 
     for r in sorted(cfg.rungs, key=lambda r: rung_class(r).cost_rank):
@@ -88,8 +92,8 @@ def _check_stacking(cfg: RunConfig) -> None:
             raise LadderError(f"{r}.from: a rung cannot start from itself")
         if p not in cfg.rungs:
             raise LadderError(f"{r}.from: '{p}' is not in rungs ({', '.join(cfg.rungs)}); add it to rungs")
-        if not rung_class(p).output_model:
-            makers = [n for n, c in rung_mod.RUNGS.items() if c.output_model]
+        if not (rung_class(p).output_model or rung_class(p).mergeable):
+            makers = [n for n, c in rung_mod.RUNGS.items() if c.output_model or c.mergeable]
             raise LadderError(
                 f"{r}.from: rung '{p}' does not produce a model to start from (rungs that do: {', '.join(makers)})"
             )
@@ -147,23 +151,40 @@ class Context:
         self._model = model
 
     def push_base(self, parent: str) -> None:
-        """Until :meth:`pop_base`, the base model is ``parent``'s output model
-        (rungs/<parent>/model, same tokenizer); the shared base is kept aside."""
-        from transformers import AutoModelForCausalLM
-
-        folder = self.run_dir / "rungs" / parent / rung_class(parent).output_model
-        if not (folder / "config.json").is_file():
-            raise LadderError(f"from: {parent}: no model in {folder} (did the {parent} rung fail?)")
+        """Until :meth:`pop_base`, the base model is ``parent``'s model (same tokenizer): its
+        output model (rungs/<parent>/model), or, for an adapter rung (lora, ia3), the model it
+        trained on with its adapter merged; the shared base is kept aside."""
         model, _ = self.base()
-        log.info("starting from %s's model (%s)", parent, folder)
-        m = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=model.dtype, use_safetensors=True, trust_remote_code=False
-        ).to(model.device)
+        m = self._start_model(parent, model)
         m.eval()
         for p in m.parameters():
             p.requires_grad_(False)
         self._stack = getattr(self, "_stack", []) + [self._model]
         self._model = m
+
+    def _start_model(self, parent: str, base):
+        import copy
+
+        from transformers import AutoModelForCausalLM
+
+        cls = rung_class(parent)
+        if cls.output_model:
+            folder = self.run_dir / "rungs" / parent / cls.output_model
+            if not (folder / "config.json").is_file():
+                raise LadderError(f"from: {parent}: no model in {folder} (did the {parent} rung fail?)")
+            log.info("starting from %s's model (%s)", parent, folder)
+            return AutoModelForCausalLM.from_pretrained(
+                folder, dtype=base.dtype, use_safetensors=True, trust_remote_code=False
+            ).to(base.device)
+        from peft import PeftModel
+
+        folder = self.run_dir / "rungs" / parent / cls.artifact
+        if not (folder / "adapter_config.json").is_file():
+            raise LadderError(f"from: {parent}: no adapter in {folder} (did the {parent} rung fail?)")
+        grand = parent_of(self.cfg, parent)  # the adapter was trained on its own start model
+        start = self._start_model(grand, base) if grand else copy.deepcopy(base)
+        log.info("starting from the model with %s's adapter merged (%s)", parent, folder)
+        return PeftModel.from_pretrained(start, folder).merge_and_unload()
 
     def pop_base(self) -> None:
         self._model = self._stack.pop()
@@ -188,11 +209,16 @@ class Context:
             "rung": rung,
             "rung_config": cfg.rung_config(rung).model_dump(mode="json"),
         }
+        if cfg.task.kind == "preference":  # responses / win rate depend on the judge settings
+            payload["judge"] = cfg.judge.model_dump(mode="json")
         from lmladder.engine import openai_backend
 
         parent = parent_of(cfg, rung)
         if parent:  # a stacked rung reruns when the model it starts from changes
             payload["from"] = self.fingerprint(parent)
+        deps = [d for d in rung_class(rung).after(cfg, rung) if d in cfg.rungs and d != rung]
+        if deps:  # e.g. best-of-n reruns when the reward model it ranks with changes
+            payload["after"] = {d: self.fingerprint(d) for d in deps}
         extra = rung_class(rung).fingerprint_extra(cfg)
         if extra:  # e.g. the rag corpus's content digest
             payload["extra"] = extra
@@ -257,9 +283,11 @@ def validate(cfg: RunConfig):
         if check is not None:
             check(cfg, dataset)
     from lmladder import models
+    from lmladder.engine import judge as judge_mod
 
     if any(rung_class(r).uses_base for r in cfg.rungs):
         models.check_available(models.resolve(cfg.model))
+    judge_mod.validate(cfg)  # preference: the win-rate judge model exists
     return dataset
 
 
@@ -355,6 +383,10 @@ def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
     if distributed:
         _materialise_once(cfg.model)
     task = make_task(cfg.task, dataset.info["labels"], cfg.eval, cfg.seed, dataset)  # + gold/schema checks
+    from lmladder.engine import judge as judge_mod
+
+    if judge_mod.enabled(cfg):  # preference: rungs also generate responses for the win rate
+        task.judge_cfg = cfg.judge
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", config_mod.dump(cfg))
@@ -406,6 +438,12 @@ def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
         scores = task.score(golds, [p["pred"] for p in preds])
         primary = cfg.primary_metric
         details = {**pinfo, **fit_stats}
+        # responses generated for the win rate are evaluation overhead, not the rung's cost
+        pred_s = pred_m.seconds - details.pop("response_seconds", 0.0)
+        wr = judge_mod.win_rate(ctx, name, parent, preds, rdir)  # preference: vs the starting model
+        if wr:
+            scores = {**scores, **wr[0]}
+            details["judge"] = wr[1]
         own = details.get("model")  # a rung with its own model (encoder): shares relative to it
         n_params = (own if isinstance(own, dict) else ctx.model_info).get("parameters") or 1
         train_s = round(fit_m.seconds, 2) if cls.trains else 0.0
@@ -440,8 +478,8 @@ def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
                 "train_seconds": train_s,
                 "peak_rss_mb": round(total.peak_rss_mb, 1),
                 "prompt_tokens_per_example": round(pinfo["prompt_tokens_per_example"], 1),
-                "eval_seconds": round(pred_m.seconds, 2),
-                "eval_examples_per_second": round(n_test / pred_m.seconds, 2) if pred_m.seconds else None,
+                "eval_seconds": round(pred_s, 2),
+                "eval_examples_per_second": round(n_test / pred_s, 2) if pred_s > 0 else None,
             },
             "details": details,
             **({"by_group": by_group} if by_group else {}),

@@ -134,17 +134,110 @@ def plot(results: dict, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+# --------------------------------------------------------------------------- training curves
+
+# what a rung's training-curves figure shows, in order (at most 3 panels): an RL rung (grpo)
+# its mean reward (and KL, completion length), a preference rung (dpo) loss and reward
+# margin, other trainers their loss
+CURVE_TITLES = {
+    "reward": "mean reward per step",
+    "rewards/margins": "reward margin (chosen - rejected)",
+    "rewards/accuracies": "reward accuracy",
+    "loss": "train loss",
+    "accuracy": "train accuracy",
+    "kl": "KL to the reference",
+    "completions/mean_length": "completion length (tokens)",
+}
+
+
+def curve_series(curves: dict) -> list[str]:
+    """The curve names a rung's figure draws (empty: no figure)."""
+    if not curves:
+        return []
+    if "reward" in curves:  # RL: the loss of a policy-gradient step says little
+        keys = ["reward", "kl", "completions/mean_length"]
+    else:
+        keys = ["loss", "rewards/margins", "rewards/accuracies", "accuracy"]
+    return [k for k in keys if curves.get(k)][:3]
+
+
+def curves_file(rung: str) -> str:
+    import re
+
+    return "curves-" + re.sub(r"[^A-Za-z0-9_.-]", "_", rung) + ".png"
+
+
+def plot_curves(rung: dict, path: Path) -> bool:
+    """A small figure of one rung's training curves (``details.curves``: name -> [[step,
+    value], ...]); False when it has none to draw."""
+    curves = (rung.get("details") or {}).get("curves") or {}
+    keys = curve_series(curves)
+    if not keys:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 2.8), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(s, v) for s, v in curves[k] if s is not None and v is not None]
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(xs, ys, "-", color="tab:blue", lw=1.1, marker="o" if len(xs) <= 30 else None, ms=3, label="per step")
+        std = {s: v for s, v in curves.get("reward_std", [])} if k == "reward" else {}
+        if std and all(x in std for x in xs):
+            ax.fill_between(xs, [y - std[x] for x, y in zip(xs, ys)], [y + std[x] for x, y in zip(xs, ys)],
+                            color="tab:blue", alpha=0.12, lw=0, label="± std within groups")
+        if len(ys) >= 6:  # a running mean: single RL steps are noisy
+            w = max(2, len(ys) // 5)
+            run = [sum(ys[max(0, i - w + 1): i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(ys))]
+            ax.plot(xs, run, "-", color="tab:orange", lw=1.8, label=f"mean of {w} steps")
+        if k == "reward":
+            ax.legend(loc="best", fontsize=7)
+        ax.set_title(CURVE_TITLES.get(k, k), fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{rung['name']}: training curves", fontsize=10)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return True
+
+
+def curves_lines(results: dict) -> list[str]:
+    """Markdown: the training-curves figures (files written by :func:`build`)."""
+    out = []
+    for r in results["rungs"]:
+        d = r.get("details") or {}
+        if not curve_series(d.get("curves") or {}):
+            continue
+        note = ""
+        if d.get("reward_first") is not None and d.get("reward_last") is not None:
+            note = f" Mean reward {d['reward_first']:.3f} (first steps) → {d['reward_last']:.3f} (last steps)."
+        out += ["", f"**{r['name']}**.{note}", "", f"![{r['name']} training curves]({curves_file(r['name'])})"]
+    return ["", "## Training curves", *out] if out else []
+
+
 def _fmt_int(n):
     return f"{n:,}" if n else "0"
 
 
 def table_rows(results: dict) -> list[dict]:
     rows = []
+    names: list[str] = []  # every rung's metrics (win_rate: only rungs judged against a start model)
+    for r in results["rungs"]:
+        names += [m for m in r["metrics"] if m not in names]
     for r in results["rungs"]:
         c = r["cost"]
         row = {"rung": r["name"]}
-        for m, v in r["metrics"].items():
-            row[METRIC_LABELS.get(m, m)] = f"{v['value']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"
+        for m in names:
+            v = r["metrics"].get(m)
+            row[METRIC_LABELS.get(m, m)] = f"{v['value']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v else "-"
         share = c.get("trainable_share") or 0
         row["trainable params"] = _fmt_int(c["trainable_params"]) + (f" ({share:.2%})" if share else "")
         row["train s"] = f"{c['train_seconds']:.1f}"
@@ -182,6 +275,41 @@ def group_table(results: dict) -> list[str]:
     return lines
 
 
+def judge_lines(results: dict) -> list[str]:
+    """Markdown lines explaining the preference win rate (who was judged against whom)."""
+    judged = [(r["name"], r["details"]["judge"]) for r in results["rungs"] if (r.get("details") or {}).get("judge")]
+    if not judged:
+        return []
+    pc = lambda j: "-" if j.get("position_consistency") is None else f"{j['position_consistency']:.2f}"  # noqa: E731
+    lines = ["", f"win_rate: each rung's greedy responses to the first {judged[0][1]['n']} test prompts against its "
+             f"starting model's, judged pairwise by `{judged[0][1]['judge_model']}` in both orders (1 win, 0.5 tie or "
+             "orders disagreeing, 0 loss); per-example verdicts in `rungs/<rung>/judgements.jsonl`.", "",
+             "| rung | reference | wins / ties / losses | position consistency |", "|---|---|---|---|"]
+    lines += [f"| {n} | {j['reference']} | {j['wins']} / {j['ties']} / {j['losses']} | {pc(j)} |" for n, j in judged]
+    return lines
+
+
+def distill_table(results: dict) -> list[str]:
+    """Markdown lines: each distill rung's teacher (who labelled the train inputs, at what
+    cost per call) next to the student's cost per call."""
+    rows = [r for r in results["rungs"] if isinstance((r.get("details") or {}).get("teacher"), dict)]
+    if not rows:
+        return []
+    lines = ["", "## Distillation teachers (labelling the train inputs)", "",
+             "| student | teacher | labelled / dropped | teacher agreement with gold | labelling s "
+             "| teacher prompt tok/call | student prompt tok/call |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["details"]["teacher"]
+        agree = t.get("agreement_with_gold")
+        ptok = t.get("prompt_tokens_per_example")
+        lines.append(
+            f"| {r['name']} | {t['name']} | {t['labelled']} / {t['dropped']} | "
+            f"{'-' if agree is None else f'{agree:.3f}'} | {t['seconds']:.1f}{' (cached)' if t.get('cached') else ''} | "
+            f"{'-' if ptok is None else f'{ptok:.0f}'} | {r['cost']['prompt_tokens_per_example']:.0f} |"
+        )
+    return lines
+
+
 def markdown(results: dict) -> str:
     rows = table_rows(results)
     rec = results["recommendation"]
@@ -207,9 +335,12 @@ def markdown(results: dict) -> str:
     if results.get("missing_rungs"):
         lines += ["", f"Not finished: {', '.join(results['missing_rungs'])}."]
     lines += group_table(results)
+    lines += distill_table(results)
+    lines += judge_lines(results)
     lines += [
         "",
         "![quality vs cost](plot.png)",
+        *curves_lines(results),
         "",
         "Scores are on the held-out test split with 95% percentile-bootstrap CIs. "
         "Costs: trainable parameters, training wall time, eval throughput, prompt tokens "
@@ -223,7 +354,8 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def html(results: dict, png: bytes | None) -> str:
+def html(results: dict, png: bytes | None, curves: dict[str, bytes] | None = None) -> str:
+    """``curves``: rung name -> its training-curves PNG (shown under the plot)."""
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     env = Environment(loader=PackageLoader("lmladder", "templates"), autoescape=select_autoescape())
@@ -233,6 +365,8 @@ def html(results: dict, png: bytes | None) -> str:
         rows=rows,
         head=list(rows[0]) if rows else [],
         plot=base64.b64encode(png).decode() if png else None,
+        curves=[(r["name"], base64.b64encode(curves[r["name"]]).decode(), r.get("details") or {})
+                for r in results["rungs"] if r["name"] in (curves or {})],
     )
 
 
@@ -243,7 +377,12 @@ def build(run_dir: Path) -> dict:
     if results["rungs"]:
         plot(results, run_dir / "plot.png")
         png = (run_dir / "plot.png").read_bytes()
+    curves = {}  # training curves (details.curves): a figure per rung, next to plot.png
+    for r in results["rungs"]:
+        f = run_dir / curves_file(r["name"])
+        if plot_curves(r, f):
+            curves[r["name"]] = f.read_bytes()
     atomic_write_json(run_dir / "results.json", results)
     atomic_write_text(run_dir / "report.md", markdown(results))
-    atomic_write_text(run_dir / "report.html", html(results, png))
+    atomic_write_text(run_dir / "report.html", html(results, png, curves))
     return results

@@ -319,12 +319,16 @@ class Collator:
       token is supervised): the model projects only those hidden states on the
       vocabulary, instead of batch x length x vocab logits. ``n_virtual`` leading
       positions (prompt tuning's soft prompt) are never kept.
+    * ``token_fields``: per-feature tensors with one row per supervised token (distill's
+      teacher top-k log-probs), concatenated in the order of the kept logits (row by row,
+      sequence by sequence, position by position).
     """
 
     def __init__(self, pad_id: int, packing: bool = False, pack_length: int = 2048,
-                 keep_logits: bool = False, n_virtual: int = 0):
+                 keep_logits: bool = False, n_virtual: int = 0, token_fields: tuple[str, ...] = ()):
         self.pad_id, self.packing, self.pack_length = pad_id, packing, pack_length
         self.keep_logits, self.n_virtual = keep_logits, n_virtual
+        self.token_fields = tuple(token_fields)
 
     def __call__(self, feats: list[dict]) -> dict[str, Any]:
         import torch
@@ -360,6 +364,8 @@ class Collator:
             keep = torch.zeros((B, self.n_virtual + T), dtype=torch.bool)
             keep[:, self.n_virtual : self.n_virtual + T - 1] = labels[:, 1:] != IGNORE
             out["logits_to_keep"] = keep
+        for k in self.token_fields:
+            out[k] = torch.cat([torch.as_tensor(f[k]) for row in seqs for f in row])
         return out
 
 
@@ -475,6 +481,42 @@ def prepare_checkpoint_dir(ckpt_dir, fingerprint: str) -> str | None:
     return latest_checkpoint(d)
 
 
+class AtomicCheckpoints:
+    """Mixin for a transformers ``Trainer`` (or a TRL trainer): each checkpoint is written
+    into a staging folder and renamed into place only once complete, so a kill mid-save
+    leaves no half ``checkpoint-N`` behind (``latest_checkpoint`` only sees whole ones)."""
+
+    def _save_checkpoint(self, model, trial):
+        # Atomic: Trainer writes into a staging folder, which is renamed into place
+        # only once complete; a kill mid-save leaves no half checkpoint-N behind.
+        import shutil
+        import tempfile
+
+        from transformers.trainer_utils import rotate_checkpoints
+
+        run_dir = self.args.output_dir
+        folder = f"checkpoint-{self.state.global_step}"
+        stage = tempfile.mkdtemp(prefix=".tmp-", dir=run_dir)
+        self._get_output_dir = lambda trial=None: stage
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        final = os.path.join(run_dir, folder)
+        b = self.state.best_global_step
+        if b and (b == self.state.global_step or os.path.isdir(os.path.join(run_dir, f"checkpoint-{b}"))):
+            self.state.best_model_checkpoint = os.path.join(run_dir, f"checkpoint-{b}")
+        if self.args.should_save:
+            self.state.save_to_json(os.path.join(stage, folder, "trainer_state.json"))
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(os.path.join(stage, folder), final)
+        shutil.rmtree(stage, ignore_errors=True)
+        if self.args.should_save:
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+
+
 def _auto_steps(total: int, times: int) -> int:
     return max(1, total // times)
 
@@ -493,6 +535,8 @@ def train(
     no_packing_reason: str | None = None,
     n_virtual: int = 0,
     name: str = "lora",
+    extra: list[dict] | None = None,
+    loss_fn=None,
 ) -> dict:
     """Train ``model`` (already PEFT-wrapped, or a full model) on features with HF Trainer.
 
@@ -506,6 +550,9 @@ def train(
     * With ``checkpoint_dir`` (one process only), a checkpoint is written atomically every
       ``save_steps``; a run with the same ``fingerprint`` resumes from the newest one.
     * Packing (``cfg.packing``) unless ``no_packing_reason`` says why the rung cannot.
+    * ``extra`` (one dict of per-supervised-token tensors per feature) and ``loss_fn(outputs,
+      labels, fields, num_items_in_batch)``: a loss that needs more than the labels (distill's
+      logit KD); the fields reach it batched like the kept logits (Collator.token_fields).
     """
     import torch
     from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
@@ -523,13 +570,14 @@ def train(
     packing = bool(cfg.packing) and no_packing_reason is None
     if cfg.packing and no_packing_reason:
         log.info("%s: packing off: %s", name, no_packing_reason)
+    fields = tuple(extra[0]) if extra else ()
     collator = Collator(pad_id, packing=packing, pack_length=cfg.pack_length, keep_logits=True,
-                        n_virtual=n_virtual)
+                        n_virtual=n_virtual, token_fields=fields)
     train_idx, dev_idx = carve_dev(len(feats), cfg.dev_fraction, cfg.dev_max, seed)
 
     def rows_of(idx):
         return [{"input_ids": feats[i].input_ids, "labels": feats[i].labels,
-                 "length": len(feats[i].input_ids)} for i in idx]
+                 "length": len(feats[i].input_ids), **(extra[i] if extra else {})} for i in idx]
 
     rows, dev_rows = rows_of(train_idx), rows_of(dev_idx)
     steps_per_epoch = math.ceil(len(rows) / global_batch)
@@ -553,39 +601,19 @@ def train(
     resume = prepare_checkpoint_dir(checkpoint_dir, fingerprint or "") if save else None
     out_dir = checkpoint_dir if save else work_dir
 
-    class _Trainer(Trainer):
+    stash: dict = {}
+
+    class _Trainer(AtomicCheckpoints, Trainer):
         def _get_train_sampler(self, train_dataset=None):
             return sampler
 
-        def _save_checkpoint(self, model, trial):
-            # Atomic: Trainer writes into a staging folder, which is renamed into place
-            # only once complete; a kill mid-save leaves no half checkpoint-N behind.
-            import shutil
-            import tempfile
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if fields:  # not model inputs: handed to loss_fn
+                stash.update({k: inputs.pop(k) for k in fields})
+            return super().compute_loss(model, inputs, *args, **kwargs)
 
-            from transformers.trainer_utils import rotate_checkpoints
-
-            run_dir = self.args.output_dir
-            folder = f"checkpoint-{self.state.global_step}"
-            stage = tempfile.mkdtemp(prefix=".tmp-", dir=run_dir)
-            self._get_output_dir = lambda trial=None: stage
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                del self._get_output_dir
-            final = os.path.join(run_dir, folder)
-            b = self.state.best_global_step
-            if b and (b == self.state.global_step or os.path.isdir(os.path.join(run_dir, f"checkpoint-{b}"))):
-                self.state.best_model_checkpoint = os.path.join(run_dir, f"checkpoint-{b}")
-            if self.args.should_save:
-                self.state.save_to_json(os.path.join(stage, folder, "trainer_state.json"))
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.replace(os.path.join(stage, folder), final)
-            shutil.rmtree(stage, ignore_errors=True)
-            if self.args.should_save:
-                rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+    def _loss(outputs, labels, num_items_in_batch=None):
+        return loss_fn(outputs, labels, stash, num_items_in_batch)
 
     args = TrainingArguments(
         output_dir=str(out_dir),
@@ -634,7 +662,7 @@ def train(
     trainer = _Trainer(
         model=model, args=args, train_dataset=_ListDataset(rows),
         eval_dataset=_ListDataset(dev_rows) if evaluate else None,
-        data_collator=collator, compute_loss_func=token_loss, callbacks=callbacks,
+        data_collator=collator, compute_loss_func=_loss if loss_fn else token_loss, callbacks=callbacks,
     )
     sharded = sharding_requested()
     if sharded or getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):

@@ -29,6 +29,19 @@ from lmladder.rungs.cot import Cot  # noqa: E402
 from lmladder.rungs.self_consistency import SelfConsistency  # noqa: E402
 
 RUNGS.update({r.name: r for r in (Constrained, Cot, SelfConsistency, BestOfN)})
+from lmladder.rungs.dpo import Dpo  # noqa: E402
+
+RUNGS[Dpo.name] = Dpo
+from lmladder.rungs.reward_model import RewardModel  # noqa: E402
+
+RUNGS[RewardModel.name] = RewardModel
+from lmladder.rungs.distill import Distill  # noqa: E402
+
+RUNGS[Distill.name] = Distill
+
+from lmladder.rungs.grpo import Grpo  # noqa: E402
+
+RUNGS[Grpo.name] = Grpo
 
 
 def get(name: str):

@@ -29,6 +29,9 @@ class Rung:
     uses_base: ClassVar[bool] = True  # False: the ladder need not load the causal LM for it
     # folder under rungs/<rung>/ holding a whole causal LM that `from: <rung>` can start from
     output_model: ClassVar[str | None] = None
+    # True: rungs/<rung>/adapter is a PEFT adapter that merges into the model it was trained
+    # on, so `from: <rung>` starts from that merged model (lora, ia3)
+    mergeable: ClassVar[bool] = False
 
     @classmethod
     def validate(cls, cfg, dataset) -> None:
@@ -40,6 +43,13 @@ class Rung:
         """Optional: what the rung reads besides its config that must rerun it when it
         changes (e.g. a corpus file's content digest); added to the fingerprint."""
         return {}
+
+    @classmethod
+    def after(cls, cfg, name: str) -> list[str]:
+        """Optional: rungs of this run whose outputs rung ``name`` reads (not its start
+        model; that is ``from:``), e.g. best-of-n's reward-model verifier. They run first
+        and their fingerprints are part of this rung's."""
+        return []
 
     def __init__(self, ctx, cfg, out_dir: Path):
         self.ctx, self.cfg, self.out_dir = ctx, cfg, out_dir

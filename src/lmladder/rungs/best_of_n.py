@@ -12,7 +12,14 @@ verifier is, per ``best-of-n.verifier``:
   the next-token distribution over the score tokens (one forward pass per candidate, no
   generation; when the tokenizer splits "10" the scale is 1-9 so every score is one
   token); ``ranking`` shows all candidates numbered and reads the distribution over
-  their numbers (one forward pass per example).
+  their numbers (one forward pass per example);
+* **reward-model** — a trained reward model (rungs/reward_model.py) scores each
+  candidate: ``reward-model`` uses this run's reward-model rung (it runs first and its
+  fingerprint is part of best-of-n's), ``reward-model:<folder>`` a saved one (e.g.
+  ``runs/hhh/rungs/reward-model/model``). It scores the chat-templated generation prompt
+  followed by the candidate's full text and end-of-turn, the way it was trained; the
+  highest reward wins. (The reward-model rung trains on ``preference`` data, a kind
+  best-of-n does not run on, so across task kinds use the folder form.)
 
 Unparseable candidates never win; ties in the verifier score go to the answer with more
 votes among the candidates, then to the earliest sample. Judge prompts of all examples
@@ -22,6 +29,7 @@ are scored in batches with a shared-prefix KV cache (engine/scoring.py).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from lmladder.rungs.cot import ReasoningRung, reasoning_predict
 from lmladder.rungs.self_consistency import _hashable
@@ -130,8 +138,37 @@ class BestOfN(ReasoningRung):
             raise LadderError(
                 f"best-of-n.verifier: task kind {cfg.task.kind} has no programmatic checker; use verifier: judge or auto"
             )
-        if rc.judge_model and rc.verifier != "programmatic":
+        if rc.verifier == "reward-model" and "reward-model" not in cfg.rungs:
+            raise LadderError(
+                "best-of-n.verifier: reward-model needs the reward-model rung in rungs (it trains on preference "
+                "data); or give a trained one: reward-model:<folder> (e.g. runs/<run>/rungs/reward-model/model)"
+            )
+        if rc.verifier.startswith("reward-model:"):
+            folder = rc.verifier.partition(":")[2].strip()
+            if not (Path(folder) / "config.json").is_file():
+                raise LadderError(f"best-of-n.verifier: {folder}: no saved reward model there (no config.json)")
+        if rc.judge_model and rc.verifier in ("auto", "judge"):
             models.check_available(models.resolve(rc.judge_model))
+
+    @classmethod
+    def after(cls, cfg, name: str) -> list[str]:
+        return ["reward-model"] if cfg.rung_config(name).verifier == "reward-model" else []
+
+    @classmethod
+    def fingerprint_extra(cls, cfg) -> dict:
+        extra = super().fingerprint_extra(cfg)
+        v = cfg.best_of_n.verifier
+        if v.startswith("reward-model:"):  # another saved reward model: other picks
+            from lmladder.rungs.reward_model import folder_digest
+
+            extra["reward_model"] = folder_digest(Path(v.partition(":")[2].strip()))
+        return extra
+
+    def _reward_folder(self) -> Path:
+        from lmladder.rungs.reward_model import default_folder
+
+        v = self.cfg.verifier
+        return Path(v.partition(":")[2].strip()) if v.startswith("reward-model:") else default_folder(self.ctx.run_dir)
 
     def _judge(self) -> Judge:
         if self.cfg.judge_model:
@@ -150,8 +187,13 @@ class BestOfN(ReasoningRung):
         keys = [[_hashable(task.vote_key(c["pred"])) if c["pred"] is not None else None for c in cs] for cs in cands]
         scores: list[list[float | None]] = [[None] * len(cs) for cs in cands]
         kinds: list[str] = []
-        use_prog = cfg.verifier != "judge" and has_verifier(type(task))
+        use_rm = cfg.verifier.startswith("reward-model")
+        use_prog = cfg.verifier not in ("judge",) and not use_rm and has_verifier(type(task))
+        scorer = self._reward_pass(cands, scores, examples) if use_rm else None
         for i, (cs, ex) in enumerate(zip(cands, examples)):
+            if use_rm:
+                kinds.append("reward-model")
+                continue
             s = [task.verify(c, ex) if use_prog and c["pred"] is not None else None for c in cs]
             if use_prog and (cfg.verifier == "programmatic" or any(v is not None for v in s)):
                 scores[i], kind = s, "programmatic"
@@ -178,6 +220,9 @@ class BestOfN(ReasoningRung):
         hist = [sum(1 for j in picked if j == r) for r in range(cfg.n)]
         judge_calls = judge.calls if judge else 0
         judge_tokens = judge.prompt_tokens if judge else 0
+        if scorer is not None:  # the reward model's forward passes are the verifier's cost
+            judge_calls, judge_tokens = scorer.calls, scorer.tokens
+            info["reward_model"] = str(self._reward_folder())
         info.update(
             samples_per_example=cfg.n,
             generation_prompt_tokens_per_example=info["prompt_tokens_per_example"],
@@ -195,6 +240,32 @@ class BestOfN(ReasoningRung):
             unparseable=sum(o["pred"] is None for o in out),
         )
         return out, info
+
+    def _reward_pass(self, cands, scores, examples):
+        """Fill ``scores`` with the reward model's score of every parseable candidate
+        (identical texts scored once), all in one batched pass; returns the scorer."""
+        from lmladder.rungs.cot import reasoning_format
+        from lmladder.rungs.reward_model import RewardScorer
+
+        task = self.ctx.task
+        scorer = RewardScorer.from_folder(self._reward_folder(), reasoning_format(self.ctx.fmt(), self.cfg.thinking)[0],
+                                          batch_size=self.ctx.cfg.eval.batch_size)
+        msgs, resps, where, seen = [], [], [], {}
+        for i, (cs, ex) in enumerate(zip(cands, examples)):
+            message = task.user_message(ex, reasoning=self.cfg.prompt)  # the prompt the candidates answer
+            for j, c in enumerate(cs):
+                if c["pred"] is None:
+                    continue
+                key = (i, c["raw"] or "")
+                if key not in seen:
+                    seen[key] = len(msgs)
+                    msgs.append(message)
+                    resps.append(c["raw"] or "")
+                where.append((i, j, seen[key]))
+        values = scorer(msgs, resps) if msgs else []
+        for i, j, m in where:
+            scores[i][j] = values[m]
+        return scorer
 
     def _judge_pass(self, cands, scores, kinds, examples) -> Judge:
         """Fill ``scores`` for the judge examples, all judge prompts scored in one batched pass."""

@@ -109,6 +109,7 @@ class FewShot(PromptRung):
     name = "few-shot"
     cost_rank = 1
     summary = "k examples in the prompt"
+    kinds = PromptRung.kinds + ("preference",)  # examples show the chosen responses
 
     @classmethod
     def validate(cls, cfg, dataset) -> None:

@@ -11,6 +11,7 @@ class Ia3(SftRung):
     name = "ia3"
     cost_rank = 22
     summary = "(IA)^3 scaling vectors, SFT on the train split"
+    mergeable = True  # `from: ia3` starts from the base with this adapter merged
 
     def peft_config(self):
         from peft import IA3Config, TaskType

@@ -20,6 +20,7 @@ class Lora(SftRung):
     name = "lora"
     cost_rank = 23
     summary = "LoRA adapter, SFT on the train split"
+    mergeable = True  # `from: lora` starts from the base with this adapter merged
 
     def peft_config(self):
         from peft import LoraConfig, TaskType

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 class SftRung(Rung):
     trains = True
+    kinds = Rung.kinds + ("preference",)  # scores chosen vs rejected (tasks/preference.py)
     artifact = "adapter"  # folder under rungs/<rung>/ with the trained weights
     no_packing_reason: str | None = None  # why this rung cannot pack sequences, if it cannot
 
@@ -64,13 +65,24 @@ class SftRung(Rung):
     # ------------------------------------------------------------------ rung interface
 
     def prepare(self) -> None:
+        task = self.ctx.task
+        self.build_features([task.answer(e) for e in self.ctx.data.train])
+        self.messages = [task.user_message(ex) for ex in self.ctx.data.test]
+        self.adapter_dir = self.out_dir / self.artifact
+        self.model = None
+        self._trainable = 0
+        self._total = 0
+
+    def build_features(self, answers: list[str]) -> None:
+        """Training features (masked prompt + answer + end of turn) for the train split with
+        these answer texts (the gold answers; distill passes the teacher's)."""
         from lmladder.engine import sft
 
         task, fmt = self.ctx.task, self.ctx.fmt()
         model, tok = self.ctx.base()
         eos = sft.eos_token_ids(tok, model)
         train = self.ctx.data.train
-        self.answers = [task.answer(e) for e in train]
+        self.answers = list(answers)
         self.features = [
             sft.build_feature(fmt, task.train_message(e), a, self.cfg.max_length, e.source, eos,
                               truncation=self.cfg.truncation)
@@ -80,11 +92,17 @@ class SftRung(Rung):
         if self.truncated:
             log.warning("%s: %d training sequence(s) longer than max_length=%d: prompt cut from the left",
                         self.name, self.truncated, self.cfg.max_length)
-        self.messages = [task.user_message(ex) for ex in self.ctx.data.test]
-        self.adapter_dir = self.out_dir / self.artifact
-        self.model = None
-        self._trainable = 0
-        self._total = 0
+
+    def train_weights(self, model, tok, work: Path, checkpoint_dir: Path | None, fingerprint: str) -> dict[str, Any]:
+        """Train the wrapped model in place; return the training stats (default: SFT on the
+        features, engine/sft.py; alignment rungs run a TRL trainer, engine/trl_train.py)."""
+        from lmladder.engine import sft
+
+        return sft.train(
+            model, tok, self.features, self.answers, self.cfg, work, self.ctx.cfg.seed,
+            checkpoint_dir=checkpoint_dir, fingerprint=fingerprint,
+            no_packing_reason=self.no_packing_reason, n_virtual=self.n_virtual(), name=self.name,
+        )
 
     def _count(self, model, loaded: bool = False) -> None:
         """Trainable parameters: those requiring grad; for saved PEFT weights loaded for
@@ -115,17 +133,13 @@ class SftRung(Rung):
             self.model = self.load_saved(start, self.adapter_dir)
             self._count(self.model, loaded=True)
             self.model.eval()
-            stats: dict[str, Any] = {"reused_adapter": True, "truncated": self.truncated}
+            stats: dict[str, Any] = {"reused_adapter": True, "truncated": getattr(self, "truncated", 0)}
         else:
             self.model = self.wrap(start)
             self._count(self.model)
             # the run folder holds the checkpoints (rank 0); other ranks use a private temp folder
             work = self.out_dir / ".trainer" if main else Path(tempfile.mkdtemp(prefix="lmladder-trainer-"))
-            stats = sft.train(
-                self.model, tok, self.features, self.answers, self.cfg, work, self.ctx.cfg.seed,
-                checkpoint_dir=self.out_dir / "checkpoints" if main else None, fingerprint=fp,
-                no_packing_reason=self.no_packing_reason, n_virtual=self.n_virtual(), name=self.name,
-            )
+            stats = self.train_weights(self.model, tok, work, self.out_dir / "checkpoints" if main else None, fp)
             shutil.rmtree(work, ignore_errors=True)
             if main:
                 with atomic_dir(self.adapter_dir) as tmp:
@@ -193,6 +207,52 @@ class SftRung(Rung):
         if getattr(base, "is_gradient_checkpointing", False):
             base.gradient_checkpointing_disable()
         self.ctx.set_base(base)
+
+
+class LoraOrFullRung(SftRung):
+    """A rung whose ``method`` picks what trains (dpo, grpo): ``lora`` -- a fresh LoRA
+    adapter on the start model, removed again in ``close()``; ``full`` -- every weight of
+    a private copy of the start model (saved whole, in rungs/<rung>/model)."""
+
+    @property
+    def artifact(self) -> str:
+        return "adapter" if self.cfg.method == "lora" else "model"
+
+    def base_for_training(self):
+        import copy
+
+        base = self.ctx.base()[0]
+        return base if self.cfg.method == "lora" else copy.deepcopy(base)
+
+    def peft_config(self):
+        from peft import LoraConfig, TaskType
+
+        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=self.cfg.r, lora_alpha=self.cfg.alpha,
+                          lora_dropout=self.cfg.dropout, target_modules=self.cfg.target_modules)
+
+    def wrap(self, model):
+        if self.cfg.method == "full":
+            for p in model.parameters():
+                p.requires_grad_(True)
+            return model
+        from transformers import set_seed
+
+        set_seed(self.ctx.cfg.seed)  # the adapter's initialisation
+        return super().wrap(model)
+
+    def load_saved(self, model, folder: Path):
+        if self.cfg.method == "lora":
+            return super().load_saved(model, folder)
+        from transformers import AutoModelForCausalLM
+
+        dtype, device = model.dtype, model.device
+        del model
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True).to(device)
+
+    def release(self, model) -> None:
+        if self.cfg.method == "lora":
+            super().release(model)
+        # full: a private copy; dropping it leaves the start model as it was
 
 
 class PromptLearningRung(SftRung):

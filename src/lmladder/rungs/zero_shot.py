@@ -9,6 +9,7 @@ class ZeroShot(PromptRung):
     name = "zero-shot"
     cost_rank = 0
     summary = "instruction + input, no examples"
+    kinds = PromptRung.kinds + ("preference",)  # scores chosen vs rejected (tasks/preference.py)
 
     def prepare(self) -> None:
         task = self.ctx.task

@@ -14,6 +14,9 @@ from lmladder.tasks.tagging import TaggingTask
 
 KINDS = {t.kind: t for t in (ClassificationTask, MathTask, QATask, ExtractionTask, MultipleChoiceTask, GenerationTask)}
 KINDS[TaggingTask.kind] = TaggingTask
+from lmladder.tasks.preference import PreferenceTask  # noqa: E402
+
+KINDS[PreferenceTask.kind] = PreferenceTask
 
 
 def make_task(cfg, labels, eval_cfg, seed: int, dataset=None):

@@ -5,11 +5,6 @@ the best over the references, and reported under the function's name."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import sys
-from pathlib import Path
 from typing import Callable
 
 from lmladder.errors import LadderError
@@ -18,33 +13,9 @@ from lmladder.tasks.qa import TextAnswerTask
 
 def load_metric_fn(spec: str) -> tuple[str, Callable[[str, str], float]]:
     """Import ``module:function`` / ``file.py:function``; (name, function) or LadderError."""
-    mod_name, sep, fn_name = spec.rpartition(":")
-    if not sep or not mod_name or not fn_name:
-        raise LadderError(f"task.metric_fn: '{spec}' is not 'module:function'")
-    try:
-        if mod_name.endswith(".py"):
-            path = Path(mod_name).expanduser().resolve()
-            if not path.is_file():
-                raise LadderError(f"task.metric_fn: {path}: file not found")
-            s = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(s)
-            s.loader.exec_module(module)
-        else:
-            try:
-                module = importlib.import_module(mod_name)
-            except ModuleNotFoundError:
-                if os.getcwd() in sys.path:
-                    raise
-                sys.path.insert(0, os.getcwd())  # a metrics module next to the user's data
-                module = importlib.import_module(mod_name)
-    except LadderError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
-        raise LadderError(f"task.metric_fn: cannot import '{mod_name}' ({type(e).__name__}: {e})") from None
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise LadderError(f"task.metric_fn: '{mod_name}' has no function '{fn_name}'")
-    return fn_name, fn
+    from lmladder.plugins import load_callable
+
+    return spec.rpartition(":")[2], load_callable(spec, "task.metric_fn")
 
 
 class GenerationTask(TextAnswerTask):

@@ -1,0 +1,169 @@
+"""Run a TRL trainer (DPO, reward, GRPO, ...) with lmladder's training guarantees.
+
+TRL does the method (losses, reference handling, generation for GRPO); this module adds
+what every lmladder weight-update rung promises (docs/training.md):
+
+* **atomic checkpoints scoped by fingerprint, and resume**: checkpoints go to
+  ``rungs/<rung>/checkpoints`` through :class:`engine.sft.AtomicCheckpoints` (staged, then
+  renamed into place); a rerun with the same fingerprint resumes from the newest complete
+  one, a changed config discards them;
+* the same optimizer arguments as the SFT engine (AdamW, warmup + decay, grad
+  accumulation, bf16 on CUDA, fp32 on CPU, seeded);
+* **curves**: every numeric value TRL logs (loss, rewards/chosen, rewards/margins,
+  reward, ...) comes back as ``curves[name] = [[step, value], ...]`` for the report.
+
+Use::
+
+    stats = trl_train.run(DPOTrainer, DPOConfig, model=m, cfg=cfg, train_dataset=ds,
+                          processing_class=tok, checkpoint_dir=..., fingerprint=fp,
+                          seed=0, name="dpo", method_args={"beta": 0.1})
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# log-history keys that are bookkeeping, not curves
+_NOT_CURVES = {"step", "epoch", "total_flos", "train_runtime", "train_samples_per_second",
+               "train_steps_per_second", "train_loss", "num_tokens"}
+
+
+def total_steps(cfg, n_rows: int, rows_per_step: int | None = None) -> int:
+    """Optimizer steps: ``cfg.max_steps`` or ceil(epochs x steps per epoch)."""
+    per_step = rows_per_step or cfg.batch_size * cfg.grad_accum
+    return cfg.max_steps or max(1, math.ceil(math.ceil(n_rows / per_step) * cfg.epochs))
+
+
+def training_args(cfg, out_dir: Path, seed: int, steps: int, save: bool) -> dict[str, Any]:
+    """Keyword arguments shared by every TRL ``*Config`` (they subclass TrainingArguments)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    save_steps = cfg.save_steps or max(1, steps // 5)
+    return dict(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        num_train_epochs=cfg.epochs,
+        max_steps=steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # < 1: a share of the steps
+        weight_decay=cfg.weight_decay,
+        logging_steps=cfg.logging_steps or max(1, steps // 20),
+        save_strategy="steps" if save else "no",
+        save_steps=save_steps,
+        save_total_limit=2 if save else None,
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        dataloader_num_workers=0,
+        log_level="passive",
+    )
+
+
+def curves(log_history: list[dict]) -> dict[str, list[list[float]]]:
+    """Every numeric value logged during training, as ``name -> [[step, value], ...]``."""
+    out: dict[str, list[list[float]]] = {}
+    for h in log_history:
+        step = h.get("step")
+        for k, v in h.items():
+            if k in _NOT_CURVES or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            out.setdefault(k, []).append([step, float(v)])
+    return out
+
+
+def _quiet_progress():
+    """transformers' progress bar, but the logged values go on the bar (loss, reward,
+    margin) instead of a printed dict per logging step."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class QuietProgress(ProgressCallback):
+        KEYS = ("loss", "reward", "rewards/margins", "rewards/accuracies", "accuracy")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                shown = {k.split("/")[-1]: f"{logs[k]:.3g}" for k in self.KEYS
+                         if isinstance(logs.get(k), (int, float))}
+                if shown:
+                    self.training_bar.set_postfix(shown, refresh=False)
+
+    return QuietProgress
+
+
+def run(
+    trainer_cls,
+    config_cls,
+    *,
+    model,
+    cfg,
+    train_dataset,
+    processing_class,
+    seed: int,
+    name: str,
+    checkpoint_dir: Path | None = None,
+    fingerprint: str = "",
+    work_dir: Path | None = None,
+    method_args: dict[str, Any] | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
+    rows_per_step: int | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` with ``trainer_cls`` (a TRL trainer) and ``config_cls(**shared args,
+    **method_args)``. Checkpoints (atomic, resumable) when ``checkpoint_dir`` is given and
+    ``cfg.checkpoints``; else ``work_dir`` is scratch. Returns the stats the report shows."""
+    import shutil
+    import tempfile
+
+    from transformers import set_seed
+
+    from lmladder.engine import sft
+
+    set_seed(seed)
+    steps = total_steps(cfg, len(train_dataset), rows_per_step)
+    save = checkpoint_dir is not None and cfg.checkpoints and not sft.is_distributed()
+    resume = sft.prepare_checkpoint_dir(checkpoint_dir, fingerprint) if save else None
+    out_dir = Path(checkpoint_dir) if save else Path(work_dir or tempfile.mkdtemp(prefix=f"lmladder-{name}-"))
+    args = config_cls(**{**training_args(cfg, out_dir, seed, steps, save), **(method_args or {})})
+    atomic_cls = type(f"Atomic{trainer_cls.__name__}", (sft.AtomicCheckpoints, trainer_cls), {})
+    trainer = atomic_cls(model=model, args=args, train_dataset=train_dataset,
+                         processing_class=processing_class, **(trainer_kwargs or {}))
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.pop_callback(PrinterCallback)  # a printed dict per logging step: the curves keep them
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_quiet_progress())
+    if resume:
+        log.info("%s: resuming from %s", name, resume)
+    t0 = time.perf_counter()
+    out = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - t0
+    hist = trainer.state.log_history
+    done = out.global_step - ((sft.checkpoint_step(resume) or 0) if resume else 0)
+    if not save:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    model.eval()
+    c = curves(hist)
+    losses = [v for _, v in c.get("loss", [])]
+    return {
+        "train_seconds": seconds,
+        "steps": out.global_step,
+        "steps_per_second": done / seconds if seconds and done else None,
+        "train_loss": float(out.training_loss),
+        "final_train_loss": losses[-1] if losses else None,
+        "loss_curve": losses,
+        "curves": c,
+        "train_examples": len(train_dataset),
+        "resumed_from": sft.checkpoint_step(resume) if resume else None,
+        "trainer": f"trl.{trainer_cls.__name__}",
+    }

@@ -1,0 +1,243 @@
+"""dpo: Direct Preference Optimization on (prompt, chosen, rejected) pairs, by TRL's
+``DPOTrainer``.
+
+The method is TRL's: the loss (``loss_type``, default ``sigmoid`` =
+``-log sigmoid(beta * ((pc - rc) - (pr - rr)))`` with ``p*`` / ``r*`` the summed
+response log-probs under the policy / the reference), the optimizer loop, the logged
+rewards. The reference is the start model: the base, or with ``from: lora`` the base
+with lora's adapter merged in (the ladder hands that model over as ``ctx.base()``).
+No second copy of the model is ever held:
+
+* ``method: lora`` -- a fresh LoRA adapter on the start model; the reference is the
+  same model with the adapter disabled. TRL, handed a PEFT model, copies its adapter
+  as a "ref" adapter (it cannot know ours is freshly initialised); we drop that copy,
+  so the reference pass runs the bare start model and the saved adapter is only ours.
+* ``method: full`` -- all weights of a private copy of the start model train (like
+  rungs/full.py); TRL's ``precompute_ref_log_probs`` scores every train pair under the
+  start model once before the first step, so no reference copy is kept.
+
+What lmladder adds (the rest of the rung is :class:`SftRung`: reuse of saved weights
+with the same fingerprint, the forgetting check, the atomic save, atomic checkpoints
+and resume through engine/trl_train.py):
+
+* **exact masking** -- we tokenise the pairs ourselves, the way the SFT rungs do:
+  ``prompt_ids`` is the chat-template prompt the model sees at inference, ``chosen_ids``
+  / ``rejected_ids`` are the response tokens plus the template's end-of-turn token (so
+  the trained text ends where the model must stop, and pad == eos cannot mask it).
+  TRL gets these rows as they are (its own tokenisation re-renders prompt+completion
+  and keeps the completion where the two diverge). A pair longer than ``max_length``
+  has its prompt cut from the left (counted as ``truncated``; ``truncation: error``
+  stops with the example's file:line instead).
+* **predictions** on the held-out pairs: the margin is the implicit DPO reward
+  difference ``beta * ((pc - rc) - (pr - rr))`` over the response tokens, with ``r*``
+  the start model's log-probs scored before training; the other fields (and generated
+  responses where the task adds them) come from the task's own ``predict`` on the
+  policy.
+* dropout is off during training (TRL's ``disable_dropout``: policy and reference must
+  agree at step 0), so the LoRA ``dropout`` field does not apply.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+from lmladder.errors import LadderError
+from lmladder.rungs.sft_rung import LoraOrFullRung
+
+log = logging.getLogger(__name__)
+
+PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def end_of_turn_id(fmt, eos_ids: set[int], message: str, answer: str) -> int:
+    """The token the chat template ends an assistant answer with (the first EOS-like token
+    after the answer, as engine/sft.build_feature trains it); the tokenizer's EOS for a
+    template without one."""
+    tok = fmt.tokenizer
+    suffix = tok(fmt.answer_suffix(message, answer), add_special_tokens=False).input_ids
+    hit = next((t for t in suffix if t in eos_ids), None)
+    if hit is not None:
+        return hit
+    if tok.eos_token_id is None:
+        raise LadderError("the tokenizer has no EOS token; cannot teach the model to stop")
+    return tok.eos_token_id
+
+
+def pair_rows(task, fmt, examples, eot: int, max_length: int, truncation: str, name: str = "dpo"):
+    """Pre-tokenised DPO rows ``{prompt_ids, chosen_ids, rejected_ids}`` and how many
+    prompts were cut from the left to fit ``max_length``."""
+    rows, truncated = [], 0
+    for e in examples:
+        p = fmt.encode(fmt.prompt(task.train_message(e)))
+        c = task.response_ids(fmt, task.answer(e)) + [eot]
+        r = task.response_ids(fmt, task.rejected(e)) + [eot]
+        n = len(p) + max(len(c), len(r))
+        if n > max_length:
+            if truncation != "truncate":
+                raise LadderError(
+                    f"{e.source}: preference pair has {n} tokens, more than {name}.max_length={max_length} "
+                    f"(raise max_length, shorten the input, or set {name}.truncation: truncate)"
+                )
+            longest = max(len(c), len(r))
+            if longest + 1 > max_length:
+                which = "chosen" if len(c) >= len(r) else "rejected"
+                raise LadderError(
+                    f"{e.source}: field '{which}' alone has {longest} tokens, more than "
+                    f"{name}.max_length={max_length} allows; raise max_length"
+                )
+            p = p[n - max_length:]
+            truncated += 1
+        rows.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
+    return rows, truncated
+
+
+@functools.cache
+def trainer_class():
+    """TRL's DPOTrainer, taking rows we tokenised (``PAIR_COLUMNS``) as they are, and with
+    a fresh LoRA adapter's reference = the adapter disabled (no "ref" adapter copy)."""
+    from trl import DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            m = self.accelerator.unwrap_model(self.model)
+            if "ref" in (getattr(m, "peft_config", None) or {}):
+                # TRL copied our adapter as the reference; it is freshly initialised (LoRA B = 0),
+                # so the start model -- the adapter disabled -- is the same reference, for free
+                m.delete_adapter("ref")
+                m.set_adapter("default")
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            missing = [c for c in PAIR_COLUMNS if c not in dataset.column_names]
+            if missing:
+                raise ValueError(f"{dataset_name} dataset lacks {missing}: expected pre-tokenised pairs")
+            return dataset
+
+    return PretokenizedDPOTrainer
+
+
+def dpo_args(cfg) -> dict[str, Any]:
+    """The DPOConfig fields of the method (trl_train.training_args gives the shared ones)."""
+    return dict(
+        beta=cfg.beta,
+        loss_type=[cfg.loss_type],
+        max_length=cfg.max_length,  # rows already fit: TRL's cut (keep_start) never fires
+        truncation_mode="keep_start",
+        precompute_ref_log_probs=cfg.method == "full",
+        disable_dropout=True,
+    )
+
+
+def unpatch(model) -> None:
+    """Remove TRL's fused-LM-head ``forward`` (an instance attribute it sets on the
+    model under the PEFT wrapper), so the start model -- possibly the shared base --
+    is the plain model again."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner.__dict__.pop("forward", None)
+
+
+class Dpo(LoraOrFullRung):
+    name = "dpo"
+    cost_rank = 26
+    summary = "DPO on preference pairs (TRL DPOTrainer; LoRA or full), usually from an SFT rung"
+    kinds = ("preference",)
+
+    # ------------------------------------------------------------------ data
+
+    def prepare(self) -> None:
+        from lmladder.engine import sft
+
+        task, fmt = self.ctx.task, self.ctx.fmt()
+        model, tok = self.ctx.base()
+        train = self.ctx.data.train
+        if not train:
+            raise LadderError(f"{self.name}: no training pairs (data.train is empty)")
+        eot = end_of_turn_id(fmt, sft.eos_token_ids(tok, model), task.train_message(train[0]), task.answer(train[0]))
+        self.rows, self.truncated = pair_rows(task, fmt, train, eot, self.cfg.max_length, self.cfg.truncation,
+                                              self.name)
+        if self.truncated:
+            log.warning("%s: %d training pair(s) longer than max_length=%d: prompt cut from the left",
+                        self.name, self.truncated, self.cfg.max_length)
+        self.messages = [task.user_message(ex) for ex in self.ctx.data.test]
+        self.adapter_dir = self.out_dir / self.artifact
+        self.model = None
+        self._trainable = 0
+        self._total = 0
+
+    # ------------------------------------------------------------------ model hooks
+
+    def base_for_training(self):
+        from lmladder.engine import sft
+
+        start = self.ctx.base()[0]
+        if sft.is_main():  # the reference of the held-out pairs (rank 0 evaluates): the start model
+            self.ref_test, _ = self.ctx.task.score_pairs(start, self.ctx.fmt(), self.messages, self.ctx.data.test,
+                                                         desc=f"{self.name} reference")
+        return super().base_for_training()
+
+    # ------------------------------------------------------------------ training
+
+    def train_weights(self, model, tok, work: Path, checkpoint_dir: Path | None, fingerprint: str) -> dict[str, Any]:
+        from datasets import Dataset
+        from trl import DPOConfig
+
+        from lmladder.engine import trl_train
+
+        conf = model.config.get_text_config()
+        gen = getattr(model, "generation_config", None)
+        pads = (conf.pad_token_id, getattr(gen, "pad_token_id", None))
+        try:
+            stats = trl_train.run(
+                trainer_class(), DPOConfig, model=model, cfg=self.cfg, train_dataset=Dataset.from_list(self.rows),
+                processing_class=copy.deepcopy(tok),  # TRL may set a pad token: not on the shared tokenizer
+                seed=self.ctx.cfg.seed, name=self.name, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint,
+                work_dir=work, method_args=dpo_args(self.cfg),
+            )
+        finally:
+            unpatch(model)
+            conf.pad_token_id = pads[0]  # TRL mirrors the tokenizer's pad onto the model
+            if gen is not None:
+                gen.pad_token_id = pads[1]
+        c = stats.get("curves", {})
+        last = lambda k: c[k][-1][1] if c.get(k) else None  # noqa: E731
+        first = lambda k: c[k][0][1] if c.get(k) else None  # noqa: E731
+        stats.update({
+            "loss_first": first("loss"), "loss_last": last("loss"),
+            "train_margin_first": first("rewards/margins"), "train_margin_last": last("rewards/margins"),
+            "train_reward_accuracy_last": last("rewards/accuracies"),
+            "truncated": self.truncated, "method": self.cfg.method, "beta": self.cfg.beta,
+            "loss_type": self.cfg.loss_type,
+            "reference": ("start model, adapter disabled (no second copy)" if self.cfg.method == "lora" else
+                          "start model, log-probs precomputed before training (no second copy)"),
+        })
+        return stats
+
+    def fit(self) -> dict[str, Any]:
+        stats = super().fit()
+        stats.setdefault("truncated", self.truncated)
+        stats.setdefault("method", self.cfg.method)
+        return stats
+
+    # ------------------------------------------------------------------ evaluation
+
+    def predict(self):
+        from lmladder.tasks.preference import pair_prediction
+
+        task, fmt = self.ctx.task, self.ctx.fmt()
+        policy = self.scoring_model()
+        records, info = task.predict(policy, fmt, self.messages, self.ctx.data.test, desc=self.name)
+        if all("logp_chosen" in r and "logp_rejected" in r for r in records):
+            logps = [(r["logp_chosen"], r["logp_rejected"]) for r in records]
+        else:
+            logps, _ = task.score_pairs(policy, fmt, self.messages, self.ctx.data.test, desc=self.name)
+        b = self.cfg.beta
+        preds = []
+        for rec, (pc, pr), (rc, rr) in zip(records, logps, self.ref_test):
+            c, r = b * (pc - rc), b * (pr - rr)
+            preds.append({**rec, **pair_prediction(c - r, reward_chosen=c, reward_rejected=r, logp_chosen=pc,
+                                                   logp_rejected=pr, ref_logp_chosen=rc, ref_logp_rejected=rr)})
+        return preds, {**info, "margin_kind": "implicit DPO reward, beta * (policy - reference) log-prob margin"}
