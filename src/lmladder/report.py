@@ -106,12 +106,15 @@ def plot(results: dict, path: Path) -> None:
         ("prompt tokens per call", lambda r: r["cost"]["prompt_tokens_per_example"], False),
     ]
     for ax, (xlabel, xf, logx) in zip(axes, panels):
+        seen: dict[tuple, int] = {}  # rungs on the same point: their labels stack upwards
         for r in rungs:
             x, y = max(xf(r), 1e-3), r["score"]
             lo, hi = r["ci"]
             color = "tab:green" if r["name"] == rec else "tab:blue"
             ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="o", color=color, capsize=4)
-            ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+            k = (round(x, 6), round(y, 6))
+            n = seen[k] = seen.get(k, -1) + 1
+            ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(6, 6 + 11 * n), fontsize=9)
         if results.get("target") is not None:
             ax.axhline(results["target"], color="tab:red", ls="--", lw=1, label=f"target {results['target']}")
             ax.legend(loc="best", fontsize=8)
