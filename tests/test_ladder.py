@@ -87,6 +87,19 @@ def test_adapter_on_disk_is_reused_with_same_result(run_cli, toy_data, tmp_path)
     assert (out / "rungs/lora/predictions.jsonl").read_text() == first
 
 
+def test_eval_only_change_reevaluates_but_reuses_the_trained_adapter(run_cli, toy_data, tmp_path):
+    """eval: settings change the rung's result fingerprint (it reruns), not its training
+    fingerprint: the saved adapter is reused, not retrained."""
+    out = tmp_path / "run"
+    assert _run(run_cli, toy_data, out, "--rungs", "lora")[0] == 0
+    first = json.loads((out / "rungs/lora/result.json").read_text())
+    assert not first["details"].get("reused_adapter")
+    assert _run(run_cli, toy_data, out, "--rungs", "lora", "--set", "eval.bootstrap=500")[0] == 0
+    again = json.loads((out / "rungs/lora/result.json").read_text())
+    assert again["fingerprint"] != first["fingerprint"]
+    assert again["details"].get("reused_adapter") is True and again["score"] == first["score"]
+
+
 def test_report_command_rebuilds(run_cli, toy_data, tmp_path):
     out = tmp_path / "run"
     assert _run(run_cli, toy_data, out, "--rungs", "zero-shot")[0] == 0

@@ -197,7 +197,10 @@ class Context:
             self._fmt = ChatFormat(tok, self.cfg.task.system_prompt)
         return self._fmt
 
-    def fingerprint(self, rung: str) -> str:
+    def fingerprint(self, rung: str, training: bool = False) -> str:
+        """What a rung's result depends on (a change reruns it). ``training=True``: what its
+        trained weights depend on (saved weights and checkpoints are reused across changes
+        of the evaluation-only settings, ``eval:`` and ``judge:``)."""
         cfg = self.cfg
         payload = {
             "model": cfg.model,
@@ -205,20 +208,21 @@ class Context:
             "data": cfg.data.model_dump(mode="json", exclude={"train", "test"}),
             "digests": self._digests,
             "seed": cfg.seed,
-            "eval": cfg.eval.model_dump(mode="json"),
             "rung": rung,
             "rung_config": cfg.rung_config(rung).model_dump(mode="json"),
         }
-        if cfg.task.kind == "preference":  # responses / win rate depend on the judge settings
-            payload["judge"] = cfg.judge.model_dump(mode="json")
+        if not training:
+            payload["eval"] = cfg.eval.model_dump(mode="json")
+            if cfg.task.kind == "preference":  # responses / win rate depend on the judge settings
+                payload["judge"] = cfg.judge.model_dump(mode="json")
         from lmladder.engine import openai_backend
 
         parent = parent_of(cfg, rung)
         if parent:  # a stacked rung reruns when the model it starts from changes
-            payload["from"] = self.fingerprint(parent)
+            payload["from"] = self.fingerprint(parent, training)
         deps = [d for d in rung_class(rung).after(cfg, rung) if d in cfg.rungs and d != rung]
         if deps:  # e.g. best-of-n reruns when the reward model it ranks with changes
-            payload["after"] = {d: self.fingerprint(d) for d in deps}
+            payload["after"] = {d: self.fingerprint(d, training) for d in deps}
         extra = rung_class(rung).fingerprint_extra(cfg)
         if extra:  # e.g. the rag corpus's content digest
             payload["extra"] = extra

@@ -173,7 +173,7 @@ class ContinuedPretraining(Rung):
         from lmladder.engine import hf_train, sft
 
         base, tok = self.ctx.base()
-        fp = self.ctx.fingerprint(self.name)
+        fp = self.ctx.fingerprint(self.name, training=True)
         stamp = self.model_dir / "lmladder_fingerprint.txt"
         stats: dict[str, Any] = {"method": self.cfg.method, "corpus": self.corpus_stats}
         if stamp.is_file() and stamp.read_text().strip() == fp:

@@ -179,7 +179,7 @@ class Encoder(Rung):
 
         from lmladder.engine import hf_train, sft
 
-        fp = self.ctx.fingerprint(self.name)
+        fp = self.ctx.fingerprint(self.name, training=True)
         stamp = self.model_dir / "lmladder_fingerprint.txt"
         if stamp.is_file() and stamp.read_text().strip() == fp:
             log.info("encoder: reusing the trained model in %s", self.model_dir)

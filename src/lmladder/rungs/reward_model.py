@@ -260,7 +260,7 @@ class RewardModel(Rung):
         from lmladder.io import atomic_dir
 
         causal, tok = self.ctx.base()
-        fp = self.ctx.fingerprint(self.name)
+        fp = self.ctx.fingerprint(self.name, training=True)
         stamp = self.model_dir / "lmladder_fingerprint.txt"
         base_params = self.ctx.model_info.get("parameters") or sum(p.numel() for p in causal.parameters())
         common = {"method": self.cfg.method, "from": self.cfg.from_, "truncated": self.truncated,

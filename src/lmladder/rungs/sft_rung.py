@@ -120,7 +120,7 @@ class SftRung(Rung):
 
         _, tok = self.ctx.base()
         main = sft.is_main()
-        fp = self.ctx.fingerprint(self.name)
+        fp = self.ctx.fingerprint(self.name, training=True)
         stamp = self.adapter_dir / "lmladder_fingerprint.txt"
         reuse = main and stamp.is_file() and stamp.read_text().strip() == fp
         reuse = sft.broadcast(reuse)  # rank 0 decides; only it evaluates, so only it loads
