@@ -151,7 +151,7 @@ def test_build_without_source_names_config():
 
 def test_read_yaml_paths_relative_to_yaml_folder(tmp_path, monkeypatch):
     cfgdir = tmp_path / "proj" / "cfg"
-    _write(cfgdir / "run.yaml", "data:\n  train: d/train.jsonl\n  test: ../test.jsonl\n")
+    _write(cfgdir / "run.yaml", "data:\n  train: d/train.jsonl\n  test: ../test.jsonl\nout: ../runs/x\n")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -161,6 +161,7 @@ def test_read_yaml_paths_relative_to_yaml_folder(tmp_path, monkeypatch):
     assert Path(cfg.data.test).resolve() == (tmp_path / "proj" / "test.jsonl").resolve()
     assert Path(cfg.data.train).is_absolute() and Path(cfg.data.test).is_absolute()
     assert not str(cfg.data.train).startswith(str(elsewhere))
+    assert Path(cfg.out).resolve() == (tmp_path / "proj" / "runs" / "x").resolve()  # the run folder too
 
 
 def test_read_yaml_keeps_absolute_paths(tmp_path):
@@ -292,7 +293,7 @@ def _custom_cfg() -> RunConfig:
         "data.train=/x/train.jsonl",
         "data.limit_test=5",
         "seed=3",
-        "out=runs/x",
+        "out=/x/runs/x",
     ):
         C.apply_set(raw, a)
     raw["task"]["instruction"] = "Classify: 'yes' or \"no\"? #1"  # needs YAML quoting

@@ -201,7 +201,8 @@ def cmd_run(a) -> int:
     cfg = _config_from_args(a)
     from lmladder import ladder
 
-    out = Path(cfg.out) if cfg.out else ladder.default_out(a.config)
+    out = (Path(cfg.out) if cfg.out else ladder.default_out(a.config)).expanduser().resolve()
+    cfg = cfg.model_copy(update={"out": str(out)})  # the snapshot (config.yaml) names where it is
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
 

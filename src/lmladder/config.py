@@ -758,6 +758,9 @@ def read_yaml(path: str | Path) -> dict:
         if isinstance(sec, dict) and isinstance(sec.get(key), str):
             p = Path(sec[key]).expanduser()
             sec[key] = str(p if p.is_absolute() else (base / p))
+    if isinstance(raw.get("out"), str):  # the run folder too (examples: out: ../runs/<name>)
+        p = Path(raw["out"]).expanduser()
+        raw["out"] = str(p if p.is_absolute() else (base / p))
     bon = raw.get("best-of-n")  # verifier: reward-model:<folder> is a path too
     if isinstance(bon, dict) and isinstance(bon.get("verifier"), str) and bon["verifier"].startswith("reward-model:"):
         p = Path(bon["verifier"][13:].strip()).expanduser()

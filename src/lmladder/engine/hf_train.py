@@ -50,6 +50,9 @@ def train(model, cfg, rows: list[dict], collator, work_dir: Path, seed: int, **e
         **extra,
     )
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+    from lmladder.engine.sft import quiet_progress
+
+    quiet_progress(trainer)
     t0 = time.perf_counter()
     out = trainer.train()
     seconds = time.perf_counter() - t0

@@ -517,6 +517,26 @@ class AtomicCheckpoints:
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
 
+def quiet_progress(trainer) -> None:
+    """transformers' progress bar, but the logged values (loss, reward, margin) go on the bar
+    instead of a printed dict per logging step (the returned curves keep them all)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class QuietProgress(ProgressCallback):
+        KEYS = ("loss", "eval_loss", "reward", "rewards/margins", "rewards/accuracies", "accuracy")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                shown = {k.split("/")[-1]: f"{logs[k]:.3g}" for k in self.KEYS
+                         if isinstance(logs.get(k), (int, float))}
+                if shown:
+                    self.training_bar.set_postfix(shown, refresh=False)
+
+    trainer.pop_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(QuietProgress)
+
+
 def _auto_steps(total: int, times: int) -> int:
     return max(1, total // times)
 
@@ -668,6 +688,7 @@ def train(
     if sharded or getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
         # rank 0 saves and evaluates the in-memory model: a sharded one would be wrong
         raise LadderError(SHARDING_ERROR.format(what=" / ".join(sharded) or "FSDP / DeepSpeed"))
+    quiet_progress(trainer)
     if resume:
         log.info("%s: resuming from %s", name, resume)
     t0 = time.perf_counter()

@@ -84,24 +84,6 @@ def curves(log_history: list[dict]) -> dict[str, list[list[float]]]:
     return out
 
 
-def _quiet_progress():
-    """transformers' progress bar, but the logged values go on the bar (loss, reward,
-    margin) instead of a printed dict per logging step."""
-    from transformers.trainer_callback import ProgressCallback
-
-    class QuietProgress(ProgressCallback):
-        KEYS = ("loss", "reward", "rewards/margins", "rewards/accuracies", "accuracy")
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and self.training_bar is not None and logs:
-                shown = {k.split("/")[-1]: f"{logs[k]:.3g}" for k in self.KEYS
-                         if isinstance(logs.get(k), (int, float))}
-                if shown:
-                    self.training_bar.set_postfix(shown, refresh=False)
-
-    return QuietProgress
-
-
 def run(
     trainer_cls,
     config_cls,
@@ -138,11 +120,7 @@ def run(
     atomic_cls = type(f"Atomic{trainer_cls.__name__}", (sft.AtomicCheckpoints, trainer_cls), {})
     trainer = atomic_cls(model=model, args=args, train_dataset=train_dataset,
                          processing_class=processing_class, **(trainer_kwargs or {}))
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    trainer.pop_callback(PrinterCallback)  # a printed dict per logging step: the curves keep them
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(_quiet_progress())
+    sft.quiet_progress(trainer)  # values on the bar, not a printed dict per step: curves keep them
     if resume:
         log.info("%s: resuming from %s", name, resume)
     t0 = time.perf_counter()
