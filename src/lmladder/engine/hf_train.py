@@ -13,40 +13,51 @@ from pathlib import Path
 from typing import Any
 
 
-def total_steps(cfg, n_rows: int) -> int:
-    """Optimizer steps: ``cfg.max_steps`` or ceil(epochs x batches per epoch)."""
-    G = cfg.batch_size * getattr(cfg, "grad_accum", 1)
+def total_steps(cfg, n_rows: int, rows_per_step: int | None = None) -> int:
+    """Optimizer steps: ``cfg.max_steps`` or ceil(epochs x steps per epoch), a step taking
+    ``rows_per_step`` rows (default batch_size x grad_accum)."""
+    G = rows_per_step or cfg.batch_size * getattr(cfg, "grad_accum", 1)
     return cfg.max_steps or max(1, math.ceil(math.ceil(n_rows / G) * cfg.epochs))
 
 
-def train(model, cfg, rows: list[dict], collator, work_dir: Path, seed: int, **extra) -> dict[str, Any]:
-    """Train ``model`` on ``rows`` with ``cfg``'s lr / epochs / max_steps / batch_size /
-    grad_accum / warmup_ratio / weight_decay; ``work_dir`` is scratch (removed after).
-    Returns train_seconds, steps, train_loss, loss_curve."""
+def common_args(cfg, seed: int) -> dict[str, Any]:
+    """TrainingArguments every lmladder trainer shares (SFT engine, this module, TRL
+    trainers): optimizer schedule from ``cfg``, seeds, no reporting, bf16 on CUDA devices
+    that support it, fp32 on CPU, no dataloader workers."""
     import torch
-    from transformers import Trainer, TrainingArguments
 
-    steps = total_steps(cfg, len(rows))
     cuda = torch.cuda.is_available()
-    args = TrainingArguments(
-        output_dir=str(work_dir),
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=getattr(cfg, "grad_accum", 1),
+    return dict(
         learning_rate=cfg.lr,
         num_train_epochs=cfg.epochs,
-        max_steps=steps,
-        lr_scheduler_type="linear",
         warmup_steps=cfg.warmup_ratio,  # < 1: a share of the steps
         weight_decay=cfg.weight_decay,
-        logging_steps=max(1, steps // 20),
-        save_strategy="no",
         report_to="none",
         seed=seed,
         data_seed=seed,
         use_cpu=not cuda,
         bf16=cuda and torch.cuda.is_bf16_supported(),
         dataloader_num_workers=0,
+    )
+
+
+def train(model, cfg, rows: list[dict], collator, work_dir: Path, seed: int, **extra) -> dict[str, Any]:
+    """Train ``model`` on ``rows`` with ``cfg``'s lr / epochs / max_steps / batch_size /
+    grad_accum / warmup_ratio / weight_decay; ``work_dir`` is scratch (removed after).
+    Returns train_seconds, steps, train_loss, loss_curve."""
+    from transformers import Trainer, TrainingArguments
+
+    steps = total_steps(cfg, len(rows))
+    args = TrainingArguments(
+        output_dir=str(work_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=getattr(cfg, "grad_accum", 1),
+        max_steps=steps,
+        lr_scheduler_type="linear",
+        logging_steps=max(1, steps // 20),
+        save_strategy="no",
         log_level="error",
+        **common_args(cfg, seed),
         **extra,
     )
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)

@@ -226,6 +226,20 @@ def eos_token_ids(tokenizer, model=None) -> set[int]:
     return ids
 
 
+def response_ids(fmt: ChatFormat, message: str, answer: str, eos_ids: set[int]) -> list[int]:
+    """The answer as the chat template renders it after the prompt, through the template's
+    end-of-turn token (the first of ``eos_ids``; EOS appended for a template without one):
+    what a model is trained on to answer and stop."""
+    tok = fmt.tokenizer
+    suffix_ids = tok(fmt.answer_suffix(message, answer), add_special_tokens=False).input_ids
+    cut = next((i for i, t in enumerate(suffix_ids) if t in eos_ids), None)
+    if cut is not None:
+        return suffix_ids[: cut + 1]
+    if tok.eos_token_id is None:  # template without an end-of-turn token: append EOS ourselves
+        raise LadderError("the tokenizer has no EOS token; cannot teach the model to stop")
+    return suffix_ids + [tok.eos_token_id]
+
+
 @dataclass
 class Feature:
     input_ids: list[int]
@@ -254,14 +268,7 @@ def build_feature(
     if not answer or not answer_ids:
         raise LadderError(f"{source}: label: the answer {answer!r} tokenises to nothing")
     prompt_ids = fmt.encode(fmt.prompt(message))
-    suffix_ids = tok(fmt.answer_suffix(message, answer), add_special_tokens=False).input_ids
-    cut = next((i for i, t in enumerate(suffix_ids) if t in eos_ids), None)
-    if cut is None:  # template without an end-of-turn token: append EOS ourselves
-        if tok.eos_token_id is None:
-            raise LadderError("the tokenizer has no EOS token; cannot teach the model to stop")
-        suffix_ids = suffix_ids + [tok.eos_token_id]
-    else:
-        suffix_ids = suffix_ids[: cut + 1]
+    suffix_ids = response_ids(fmt, message, answer, eos_ids)
     truncated = 0
     if len(prompt_ids) + len(suffix_ids) > max_length:
         n = len(prompt_ids) + len(suffix_ids)
@@ -574,8 +581,9 @@ def train(
       labels, fields, num_items_in_batch)``: a loss that needs more than the labels (distill's
       logit KD); the fields reach it batched like the kept logits (Collator.token_fields).
     """
-    import torch
     from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+
+    from lmladder.engine.hf_train import common_args, total_steps as count_steps
 
     rank, world, _ = dist_env()
     micro, accum = split_global_batch(cfg.batch_size, cfg.grad_accum, world)
@@ -600,9 +608,7 @@ def train(
                  "length": len(feats[i].input_ids), **(extra[i] if extra else {})} for i in idx]
 
     rows, dev_rows = rows_of(train_idx), rows_of(dev_idx)
-    steps_per_epoch = math.ceil(len(rows) / global_batch)
-    total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
-    cuda = torch.cuda.is_available()
+    total_steps = count_steps(cfg, len(rows), global_batch)
     sampler = GlobalBatchSampler([r["length"] for r in rows], global_batch, seed, cfg.group_by_length)
 
     save = checkpoint_dir is not None and cfg.checkpoints and world == 1
@@ -640,12 +646,8 @@ def train(
         per_device_train_batch_size=micro,
         per_device_eval_batch_size=micro,
         gradient_accumulation_steps=accum,
-        learning_rate=cfg.lr,
-        num_train_epochs=cfg.epochs,
         max_steps=total_steps,
         lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay,
         logging_steps=cfg.logging_steps or _auto_steps(total_steps, 20),
         eval_strategy="steps" if evaluate else "no",
         eval_steps=eval_steps if evaluate else None,
@@ -656,20 +658,15 @@ def train(
         load_best_model_at_end=best,
         metric_for_best_model="eval_loss" if best else None,
         greater_is_better=False if best else None,
-        report_to="none",
-        seed=seed,
-        data_seed=seed,
-        use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
         activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         remove_unused_columns=False,
-        dataloader_num_workers=0,
         disable_tqdm=None if rank == 0 else True,
         # the loss is the per-token mean over the whole global batch, on every world size
         average_tokens_across_devices=True,
         ddp_find_unused_parameters=False,
         log_level="error" if rank else "passive",
+        **common_args(cfg, seed),
     )
     if world > 1:
         log.info(

@@ -22,7 +22,6 @@ Use::
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -34,41 +33,25 @@ _NOT_CURVES = {"step", "epoch", "total_flos", "train_runtime", "train_samples_pe
                "train_steps_per_second", "train_loss", "num_tokens"}
 
 
-def total_steps(cfg, n_rows: int, rows_per_step: int | None = None) -> int:
-    """Optimizer steps: ``cfg.max_steps`` or ceil(epochs x steps per epoch)."""
-    per_step = rows_per_step or cfg.batch_size * cfg.grad_accum
-    return cfg.max_steps or max(1, math.ceil(math.ceil(n_rows / per_step) * cfg.epochs))
-
-
 def training_args(cfg, out_dir: Path, seed: int, steps: int, save: bool) -> dict[str, Any]:
     """Keyword arguments shared by every TRL ``*Config`` (they subclass TrainingArguments)."""
-    import torch
+    from lmladder.engine.hf_train import common_args
 
-    cuda = torch.cuda.is_available()
     save_steps = cfg.save_steps or max(1, steps // 5)
     return dict(
         output_dir=str(out_dir),
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr,
-        num_train_epochs=cfg.epochs,
         max_steps=steps,
         lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,  # < 1: a share of the steps
-        weight_decay=cfg.weight_decay,
         logging_steps=cfg.logging_steps or max(1, steps // 20),
         save_strategy="steps" if save else "no",
         save_steps=save_steps,
         save_total_limit=2 if save else None,
-        report_to="none",
-        seed=seed,
-        data_seed=seed,
-        use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        dataloader_num_workers=0,
         log_level="passive",
+        **common_args(cfg, seed),
     )
 
 
@@ -112,6 +95,8 @@ def run(
     from lmladder.engine import sft
 
     set_seed(seed)
+    from lmladder.engine.hf_train import total_steps
+
     steps = total_steps(cfg, len(train_dataset), rows_per_step)
     save = checkpoint_dir is not None and cfg.checkpoints and not sft.is_distributed()
     resume = sft.prepare_checkpoint_dir(checkpoint_dir, fingerprint) if save else None

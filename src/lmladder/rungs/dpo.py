@@ -57,14 +57,9 @@ def end_of_turn_id(fmt, eos_ids: set[int], message: str, answer: str) -> int:
     """The token the chat template ends an assistant answer with (the first EOS-like token
     after the answer, as engine/sft.build_feature trains it); the tokenizer's EOS for a
     template without one."""
-    tok = fmt.tokenizer
-    suffix = tok(fmt.answer_suffix(message, answer), add_special_tokens=False).input_ids
-    hit = next((t for t in suffix if t in eos_ids), None)
-    if hit is not None:
-        return hit
-    if tok.eos_token_id is None:
-        raise LadderError("the tokenizer has no EOS token; cannot teach the model to stop")
-    return tok.eos_token_id
+    from lmladder.engine.sft import response_ids
+
+    return response_ids(fmt, message, answer, eos_ids)[-1]
 
 
 def pair_rows(task, fmt, examples, eot: int, max_length: int, truncation: str, name: str = "dpo"):

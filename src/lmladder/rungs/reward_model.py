@@ -43,6 +43,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from lmladder.engine.sft import eos_token_ids as end_of_turn_ids  # the template's end-of-turn ids
+from lmladder.engine.sft import response_ids
 from lmladder.errors import LadderError
 from lmladder.rungs.base import Rung
 from lmladder.tasks.preference import pair_prediction
@@ -67,12 +69,6 @@ def folder_digest(folder: Path) -> str | None:
     return stamp.read_text().strip() if stamp.is_file() else files_digest(folder)
 
 
-def end_of_turn_ids(tok, model=None) -> set[int]:
-    from lmladder.engine.sft import eos_token_ids
-
-    return eos_token_ids(tok, model)
-
-
 def pick_pad_id(tok, eot: set[int]) -> int:
     """A pad token id that is not an end-of-turn token (the score is read at the last
     non-pad token, which must be the end-of-turn)."""
@@ -90,16 +86,8 @@ def render_ids(fmt, message: str, response: str, max_length: int, eot: set[int])
     and is trained on, engine/sft.build_feature), and how many tokens were cut to fit
     ``max_length`` (prompt from the left first, then the response from the right; the
     end-of-turn token always stays last)."""
-    tok = fmt.tokenizer
     prompt = fmt.encode(fmt.prompt(message))
-    suffix = tok(fmt.answer_suffix(message, response), add_special_tokens=False).input_ids
-    cut = next((i for i, t in enumerate(suffix) if t in eot), None)
-    if cut is None:
-        if tok.eos_token_id is None:
-            raise LadderError("reward-model: the tokenizer has no EOS token to end a response with")
-        suffix = suffix + [tok.eos_token_id]
-    else:
-        suffix = suffix[: cut + 1]
+    suffix = response_ids(fmt, message, response, eot)
     over = len(prompt) + len(suffix) - max_length
     if over <= 0:
         return prompt + suffix, 0
