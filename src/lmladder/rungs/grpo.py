@@ -125,31 +125,27 @@ class Grpo(LoraOrFullRung):
         if g.max_length <= g.max_completion_length:
             raise LadderError(f"grpo.max_length={g.max_length} must exceed max_completion_length="
                               f"{g.max_completion_length} (it bounds prompt + completion)")
-        if "reward-model" in g.rewards:
-            from lmladder import rungs as rung_mod
-
-            rm = rung_mod.RUNGS.get("reward-model")
-            if rm is None:
-                raise LadderError("grpo.rewards: 'reward-model' needs the reward-model rung, which is not available")
-            if rm.cost_rank >= cls.cost_rank:
-                raise LadderError("grpo.rewards: the reward-model rung must run before grpo")
         if not dataset.train:
             raise LadderError("grpo: the train split is empty (grpo samples completions for the train prompts)")
 
     @classmethod
+    def after(cls, cfg, name: str) -> list[str]:
+        """rewards: [reward-model] reads this run's reward-model rung: it runs first and its
+        fingerprint is part of grpo's (ladder.run_order / Context.fingerprint)."""
+        return ["reward-model"] if "reward-model" in cfg.rung_config(name).rewards else []
+
+    @classmethod
     def fingerprint_extra(cls, cfg) -> dict:
-        """A user reward's source file, a reward-model folder's files and the reward-model
-        rung's config: a change reruns grpo."""
+        """A user reward's source file and a saved reward-model folder's identity: a change
+        reruns grpo."""
         from lmladder import plugins
         from lmladder.rungs import reward_model
 
         out: dict[str, Any] = {}
         for n in cfg.rung_config(cls.name).rewards:
-            if n == "reward-model" and "reward-model" in cfg.rungs:
-                out[n] = cfg.rung_config("reward-model").model_dump(mode="json")
-            elif n.startswith("reward-model:"):
+            if n.startswith("reward-model:"):
                 out[n] = reward_model.folder_digest(Path(n.partition(":")[2]).expanduser())
-            elif n != "builtin":
+            elif n not in ("builtin", "reward-model"):
                 out[n] = plugins.source_digest(n)
         return out
 
