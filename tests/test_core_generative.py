@@ -29,7 +29,7 @@ def test_structured_golds_and_token_inputs(tmp_path):
 @pytest.mark.parametrize("answer,expected", [(1, 1), ("1", 1), ("B", 1), ("c", 2), ("blue", 1)])
 def test_choice_answers_resolve_to_an_index(tmp_path, answer, expected):
     f = write_jsonl(tmp_path / "mc.jsonl", [{"q": "sky?", "ch": ["red", "blue", "green"], "a": answer}])
-    cfg = DataConfig(input_field="q", label_field="a", choices_field="ch")
+    cfg = DataConfig(input_field="q", label_field="a", choices_field="ch", answer_base=0)  # one row: 1 is ambiguous
     (ex,) = read_examples(f, cfg, "test", kind="multiple-choice")
     assert ex.choices == ["red", "blue", "green"] and ex.target == expected
 
@@ -48,7 +48,7 @@ def test_instruction_and_group_fields(tmp_path):
     rows = [{"i": f"in{n}", "o": f"out{n}", "ins": "Do X.", "task": f"t{n % 2}"} for n in range(4)]
     f = write_jsonl(tmp_path / "ni.jsonl", rows)
     cfg = DataConfig(train=str(f), test=str(f), input_field="i", label_field="o",
-                     instruction_field="ins", group_field="task")
+                     instruction_field="ins", group_field="task", allow_overlap=True)
     ds = load(cfg, 0, kind="generation")
     assert [e.group for e in ds.test] == ["t0", "t1", "t0", "t1"]
     assert ds.test[0].instruction == "Do X."
@@ -117,10 +117,12 @@ def test_instruction_tuning_end_to_end(tmp_path, run_cli):
     templates (lora), scored overall and per source task."""
     import json as _json
 
-    rows = [{"ins": f"Repeat the word {w}.", "x": w, "y": w, "task": t}
-            for t, words in (("copy", ["cat", "dog", "owl"]), ("echo", ["red", "sun", "sea"])) for w in words]
-    train = write_jsonl(tmp_path / "train.jsonl", rows * 2)
-    test = write_jsonl(tmp_path / "test.jsonl", rows)
+    def rows(copy, echo):
+        return [{"ins": f"Repeat the word {w}.", "x": w, "y": w, "task": t}
+                for t, words in (("copy", copy), ("echo", echo)) for w in words]
+
+    train = write_jsonl(tmp_path / "train.jsonl", rows(["cat", "dog", "owl"], ["red", "sun", "sea"]) * 2)
+    test = write_jsonl(tmp_path / "test.jsonl", rows(["fox", "elk", "bee"], ["tan", "sky", "bay"]))  # no overlap
     cfg = tmp_path / "it.yaml"
     cfg.write_text(
         "task: {kind: generation, templates: ['Do: {instruction} | {input}']}\n"

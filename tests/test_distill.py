@@ -55,7 +55,8 @@ def test_student_learns_a_scripted_teacher_not_the_gold_and_the_labels_are_cache
     teacher.write_text(TEACHER)
     out = tmp_path / "run"
     # the test set is the train inputs: the student must give the teacher's labels on them
-    base = ["run", "--train", str(train), "--test", str(train), "--rungs", "distill", "--out", str(out), "-q",
+    base = ["run", "--train", str(train), "--test", str(train), "--set", "data.allow_overlap=true",
+            "--rungs", "distill", "--out", str(out), "-q",
             "--set", f"distill.teacher={teacher}:opposite", "--set", "task.instruction=Label"]
     code, _, err = run_cli(*base, *_student(40))
     assert code == 0, err
@@ -96,7 +97,8 @@ def test_few_shot_teacher_end_to_end(run_cli, tmp_path):
     predictions are exactly the teacher's labels."""
     train = write_jsonl(tmp_path / "train.jsonl", TRAIN_ROWS)
     out = tmp_path / "run"
-    code, _, err = run_cli("run", "--train", str(train), "--test", str(train), "--rungs", "zero-shot,few-shot,distill",
+    code, _, err = run_cli("run", "--train", str(train), "--test", str(train), "--set", "data.allow_overlap=true",
+                           "--rungs", "zero-shot,few-shot,distill",
                            "--out", str(out), "-q", "--set", "few-shot.k=4", "--set", "distill.teacher=few-shot",
                            *_student(2))
     assert code == 0, err
@@ -124,7 +126,8 @@ def test_model_teacher_labels_zero_shot(run_cli, tiny_dir, tmp_path):
     labels are the zero-shot rung's predictions on the train inputs."""
     train = write_jsonl(tmp_path / "train.jsonl", TRAIN_ROWS)
     out = tmp_path / "run"
-    code, _, err = run_cli("run", "--train", str(train), "--test", str(train), "--rungs", "zero-shot,distill",
+    code, _, err = run_cli("run", "--train", str(train), "--test", str(train), "--set", "data.allow_overlap=true",
+                           "--rungs", "zero-shot,distill",
                            "--out", str(out), "-q", "--set", f"distill.teacher=model:{tiny_dir}", *_student(1))
     assert code == 0, err
     t = json.loads((out / "rungs/distill/result.json").read_text())["details"]["teacher"]

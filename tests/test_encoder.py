@@ -155,7 +155,7 @@ def test_encoder_classification_end_to_end(tmp_path, tiny_bert, run_cli):
     code, _, err = run_cli(
         "run", "--train", str(train), "--test", str(test), "--rungs", "encoder", "--out", str(out),
         "--set", f"encoder.model={tiny_bert}", "--set", "encoder.lr=3e-3", "--set", "encoder.epochs=8",
-        "--set", "encoder.batch_size=8", "-q",
+        "--set", "encoder.batch_size=8", "-q", "--set", "data.allow_overlap=true",  # tested on train rows
     )
     assert code == 0, err
     r = _result(out, "encoder")
@@ -172,7 +172,8 @@ def test_encoder_classification_end_to_end(tmp_path, tiny_bert, run_cli):
     # a rerun reuses the finished rung
     code, _, _ = run_cli("run", "--train", str(train), "--test", str(test), "--rungs", "encoder",
                          "--out", str(out), "--set", f"encoder.model={tiny_bert}", "--set", "encoder.lr=3e-3",
-                         "--set", "encoder.epochs=8", "--set", "encoder.batch_size=8", "-q")
+                         "--set", "encoder.epochs=8", "--set", "encoder.batch_size=8", "-q",
+                         "--set", "data.allow_overlap=true")
     assert code == 0 and _result(out, "encoder")["finished"] == r["finished"]
 
 
@@ -193,7 +194,7 @@ def test_encoder_tagging_end_to_end(tmp_path, tiny_bert, run_cli):
         "run", "--train", str(train), "--test", str(test), "--input-field", "tokens", "--label-field", "tags",
         "--rungs", "encoder", "--out", str(out), "--set", "task.kind=tagging",
         "--set", f"encoder.model={tiny_bert}", "--set", "encoder.lr=3e-3", "--set", "encoder.epochs=10",
-        "--set", "encoder.batch_size=8", "-q",
+        "--set", "encoder.batch_size=8", "-q", "--set", "data.allow_overlap=true",  # tested on train rows
     )
     assert code == 0, err
     r = _result(out, "encoder")

@@ -15,7 +15,7 @@ from lmladder.config import EvalConfig, TaskConfig
 from lmladder.data import Example
 
 MATH_TRAIN = [{"question": f"What is {i} plus {i + 1}?", "answer": str(2 * i + 1)} for i in range(16)]
-MATH_TEST = [{"question": f"What is {i} plus 2?", "answer": str(i + 2)} for i in range(3)]
+MATH_TEST = [{"question": f"What is {i} plus 2?", "answer": str(i + 2)} for i in (0, 2, 3)]  # 1 plus 2 is in train
 
 
 def _ex(i, label, **kw):
@@ -97,7 +97,7 @@ def test_bad_reward_settings_are_one_line_errors(run_cli, tmp_path, sets, msg):
 
 
 def test_no_builtin_reward_for_generation(run_cli, tmp_path):
-    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "hi", "label": "hello"}] * 4)
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": f"hi {i}", "label": "hello"} for i in range(4)])
     code, _, err = run_cli("run", "--train", str(train), "--task", "generation", "--rungs", "grpo",
                            "--out", str(tmp_path / "r"))
     assert code == 2 and "grpo.rewards: no built-in reward for task kind generation" in err

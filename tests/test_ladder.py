@@ -42,7 +42,9 @@ def test_three_rungs_end_to_end(run_cli, toy_data, tmp_path):
     assert lo["details"]["steps"] == 4
     assert (out / "rungs/lora/adapter/adapter_model.safetensors").is_file()
     assert len(json.loads((out / "rungs/few-shot/shots.json").read_text())) == 4
-    assert res["recommendation"]["rung"] in {"zero-shot", "few-shot", "lora"}
+    # 8 test examples: nothing beats the majority baseline with confidence
+    assert res["recommendation"]["rung"] in {None, "zero-shot", "few-shot", "lora"}
+    assert res["baseline"]["name"] == "majority" and res["baseline"]["score"] == 0.5
     md = (out / "report.md").read_text()
     assert "| zero-shot |" in md and "Recommendation" in md
     html = (out / "report.html").read_text()
@@ -141,15 +143,17 @@ def test_lora_leaves_the_shared_base_model_untouched(tiny_dir, toy_data, tmp_pat
     assert not any("lora_" in n for n, _ in base.named_parameters())
 
 
-def _r(name, rank, score, ci=None):
-    return {"name": name, "rank": rank, "score": score, "ci": ci or [score - 0.05, score + 0.05]}
+def _r(name, rank, score, ci=None, n=100):
+    k = round(score * n)
+    per = {"kind": "mean", "binary": True, "values": [1.0] * k + [0.0] * (n - k)}
+    return {"name": name, "rank": rank, "score": score, "ci": ci or [score - 0.05, score + 0.05], "per_example": per}
 
 
 def test_recommend_cheapest_meeting_target():
     rungs = [_r("lora", 2, 0.91), _r("zero-shot", 0, 0.70), _r("few-shot", 1, 0.86)]
     rec = recommend(rungs, "accuracy", 0.85)
     assert rec["rung"] == "few-shot" and rec["meets_target"] is True
-    assert "cheaper rungs fall short (zero-shot 0.700)" in rec["reason"]
+    assert "cheaper rungs: zero-shot 0.700 falls short (paired difference -0.160" in rec["reason"]
 
 
 def test_recommend_best_and_gap_when_none_meets():

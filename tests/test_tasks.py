@@ -292,7 +292,9 @@ def test_multiple_choice_through_a_remote_backend():
 
     t = task_of("multiple-choice")
     exs = [ex("q", 1, choices=["ab", "abcdefghi"])]  # raw: -4.2 vs -9; per char: -2.1 vs -1
-    preds, info = t.predict(Remote(), SimpleNamespace(prompt=lambda m: m, answer_prefix=lambda: ""), ["m"], exs)
+    # a plain-text format: the continuations are the choice texts as they are (lm-eval style)
+    fmt = SimpleNamespace(prompt=lambda m: m, answer_prefix=lambda: "", plain=True)
+    preds, info = t.predict(Remote(), fmt, ["m"], exs)
     assert preds[0]["pred"] == {"choice": 0, "choice_norm": 1} and info["prompt_tokens_per_example"] == 10.0
 
 
@@ -334,7 +336,8 @@ KIND_DATA = {
              ["exact_match"]),
     "qa": ([{"question": f"Who wrote book {i}?", "answers": [f"author {i}", f"A{i}"]} for i in range(8)],
            ["--input-field", "question", "--label-field", "answers"], ["exact_match", "f1"]),
-    "extraction": (WNUT_ROWS * 4, ["--input-field", "tokens", "--label-field", "tags"],
+    "extraction": ([{"tokens": r["tokens"] + [str(i)], "tags": r["tags"] + ["O"]} for i in range(4) for r in WNUT_ROWS],
+                   ["--input-field", "tokens", "--label-field", "tags"],
                    ["f1", "precision", "recall", "valid_json", "schema_valid"]),
     "multiple-choice": ([{"q": f"Pick {i}", "options": ["red", "green", "blue"], "answer": "B"} for i in range(8)],
                         ["--input-field", "q", "--label-field", "answer", "--choices-field", "options"],

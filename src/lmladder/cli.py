@@ -87,10 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run folder (default runs/<config name>)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     r.add_argument("--force", action="store_true", help="rerun rungs even if finished")
+    r.add_argument("--calls", type=int, metavar="N", help="expected calls over the deployment (cost.calls; default 100000)")
+    r.add_argument("--until-target", action="store_true",
+                   help="stop at the first rung that meets the target (ladder.stop_at_target)")
     r.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
 
     rep = sub.add_parser("report", help="rebuild results.json / report.md / report.html from a run folder")
     rep.add_argument("run_dir", help="run folder written by `lmladder run`")
+    rep.add_argument("--calls", type=int, metavar="N", help="expected calls over the deployment (default: the run's cost.calls)")
 
     # export / serve own their flags (lmladder/export.py, lmladder/serve.py: add_arguments + main);
     # those modules import heavy libraries only inside main().
@@ -127,6 +131,8 @@ def _config_from_args(a) -> tuple:
         "model": a.model,
         "seed": a.seed,
         "out": a.out,
+        "cost.calls": a.calls,
+        "ladder.stop_at_target": True if a.until_target else None,
     }
     for key, value in flags.items():
         if value is None:
@@ -168,18 +174,22 @@ def _summary(results: dict, out: Path) -> None:
     rec = results["recommendation"]
     if results["rungs"]:
         t = Table(title=f"lmladder: {metric} on {results['data'].get('test_used')} test examples")
-        for h in ("rung", f"{metric} [95% CI]", "trainable", "train s", "eval ex/s", "tok/call"):
+        for h in ("rung", f"{metric} [95% CI]", "paired vs rec.", "trainable", "one-time s", "per call ms", "tok/call"):
             t.add_column(h, justify="left" if h == "rung" else "right")
-        for r in results["rungs"]:
+        from lmladder.report import with_baseline
+
+        for r in with_baseline(results):
             c = r["cost"]
-            mark = " *" if r["name"] == rec.get("rung") else ""
+            mark = " *" if r["name"] == rec.get("rung") else " (baseline)" if r.get("baseline") else ""
+            pr = r.get("paired")
             t.add_row(
                 r["name"] + mark,
                 f"{r['score']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]",
+                "" if not pr else f"{pr['diff']:+.3f} [{pr['ci'][0]:+.3f}, {pr['ci'][1]:+.3f}]",
                 f"{c['trainable_params']:,}",
-                f"{c['train_seconds']:.0f}",
-                f"{c['eval_examples_per_second'] or 0:.1f}",
-                f"{c['prompt_tokens_per_example']:.0f}",
+                f"{c.get('one_time_s', c.get('train_seconds', 0)):.0f}",
+                f"{1000 * (c.get('per_call_s') or 0):.1f}",
+                f"{c.get('prompt_tokens_per_call', c.get('prompt_tokens_per_example', 0)):.0f}",
             )
         con.print(t)
     con.print(f"[bold]Recommendation:[/bold] {rec.get('rung')} — {rec['reason']}")
@@ -225,7 +235,9 @@ def cmd_report(a) -> int:
     from lmladder import report
 
     out = Path(a.run_dir)
-    results = report.build(out)
+    if a.calls is not None and a.calls < 0:
+        raise LadderError(f"--calls {a.calls}: must be >= 0")
+    results = report.build(out, calls=a.calls)
     _summary(results, out)
     return 0
 

@@ -35,6 +35,26 @@ class DataConfig(_Config):
     choices_field: str | None = Field(
         None, description="multiple-choice: field holding each example's list of choices."
     )
+    choice_labels_field: str | None = Field(
+        None,
+        description="multiple-choice: field holding each example's list of choice labels, e.g. "
+        '["A","B","C","D"]; the gold answer names one of them. Not needed when the choices field '
+        'has the nested shape {"text": [...], "label": [...]} (read automatically) or is a '
+        "{label: text} mapping.",
+    )
+    answer_base: Literal[0, 1] | None = Field(
+        None,
+        description="multiple-choice: whether numeric answers count choices from 0 or 1; needed only "
+        "when the data has no choice labels and the answers are numbers. When unset it is inferred "
+        "from all numeric answers: any 0 means 0-based, any answer equal to its row's number of "
+        "choices means 1-based; both is an error, neither (ambiguous) is an error asking for this.",
+    )
+    allow_overlap: bool = Field(
+        False,
+        description="Allow test inputs that also appear in train (compared casefolded, whitespace "
+        "collapsed; multiple-choice: with the choices). Off: such overlap is an error. On: the "
+        "overlap is recorded in data.json ('overlap') and logged as a warning.",
+    )
     chosen_field: str = Field("chosen", description="preference: field holding the preferred response.")
     rejected_field: str = Field("rejected", description="preference: field holding the dispreferred response.")
     instruction_field: str | None = Field(
@@ -135,6 +155,50 @@ class EvalConfig(_Config):
     bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for the 95% CIs.")
 
 
+# what an hour of the machine costs when cost.usd_per_hour is not given, by the device the
+# model ran on: a 2-vCPU cloud VM (e.g. AWS c7i.large on demand, ~0.09 USD/h) and one
+# data-centre GPU (an A100 80GB / H100 hour on demand at the cheaper clouds, ~2-3 USD/h)
+USD_PER_HOUR_DEFAULTS = {"cpu": 0.10, "cuda": 2.50, "mps": 0.10, "xpu": 2.50}
+
+
+class CostConfig(_Config):
+    """Money: what a rung costs over a deployment of ``calls`` calls (rebuilds the report,
+    reruns nothing)."""
+
+    usd_per_hour: float | None = Field(
+        None, ge=0,
+        description="Price of an hour of the machine the rungs ran on (USD); default by device kind: "
+        "cpu 0.10 (a 2-vCPU cloud VM), cuda 2.50 (one data-centre GPU).",
+    )
+    calls: int = Field(
+        100_000, ge=0, description="Expected calls over the deployment's life: total = one-time + calls x per-call."
+    )
+    usd_per_1k_prompt_tokens: float | None = Field(
+        None, ge=0, description="openai: models: price per 1,000 prompt tokens (then per-call cost is by tokens)."
+    )
+    usd_per_1k_output_tokens: float | None = Field(
+        None, ge=0, description="openai: models: price per 1,000 generated tokens."
+    )
+
+
+class LadderConfig(_Config):
+    stop_at_target: bool = Field(
+        False,
+        description="Climb in order of expected cost and stop at the first rung that meets the target under "
+        "the decision rule (--until-target); the rest are listed as skipped.",
+    )
+
+
+class DecisionConfig(_Config):
+    """How the verdict reads the evidence (changing it rebuilds the report, reruns nothing)."""
+
+    rule: Literal["point", "lower-bound"] = Field(
+        "point",
+        description="When a rung meets the target: point (its score >= target) or lower-bound "
+        "(its 95% interval's lower bound >= target).",
+    )
+
+
 # --------------------------------------------------------------------------- rungs
 
 
@@ -145,14 +209,44 @@ class _Constrainable(_Config):
     )
 
 
-class ZeroShotConfig(_Constrainable):
+class _PromptFormat(_Constrainable):
+    prompt_format: Literal["chat", "plain", "auto"] = Field(
+        "auto",
+        description="chat (the model's chat template), plain (the prompt as plain text; lm-eval style "
+        "'Question: ...\\nAnswer:' for multiple-choice) or auto (label-scoring tasks: the better of the two "
+        "on a dev split carved from train; otherwise chat).",
+    )
+    calibrate: bool = Field(
+        False,
+        description="classification: contextual calibration (Zhao et al. 2021): divide out the label "
+        "distribution the prompt gives content-free inputs ('N/A', '', '[MASK]'); a fix for label bias.",
+    )
+
+
+class ZeroShotConfig(_PromptFormat):
     """Instruction + input through the chat template; no examples."""
 
 
-class FewShotConfig(_Constrainable):
+class CalibratedConfig(_PromptFormat):
+    """zero-shot with contextual calibration."""
+
+    calibrate: bool = Field(True, description="Always true for this rung (it is zero-shot + calibration).")
+
+
+class FewShotConfig(_PromptFormat):
     k: int | Literal["max"] = Field(
         8, description="In-context examples; 'max' = as many as fit the context (many-shot)."
     )
+    k_curve: list[int] | None = Field(
+        None, description="Would more examples help? Also score these smaller k (e.g. [1, 2, 4]) on the same test split."
+    )
+
+    @field_validator("k_curve")
+    @classmethod
+    def _k_curve(cls, v):
+        if v is not None and (not v or any(k < 1 for k in v)):
+            raise ValueError(f"k values must be >= 1, got {v}")
+        return sorted(set(v)) if v else v
     balanced: bool = Field(True, description="Draw examples round-robin across labels.")
     selection: Literal["random", "similar"] = Field(
         "random", description="random (seeded) or similar (k nearest train inputs by embedding)."
@@ -259,6 +353,14 @@ class PromptSearchConfig(_Constrainable):
     dev_size: int = Field(64, ge=4, description="Dev examples carved (seeded) from train for the search.")
 
 
+def _check_curve(v):
+    if v is None:
+        return v
+    if not v or any(not (0 < f <= 1) for f in v):
+        raise ValueError(f"fractions must be in (0, 1], got {v}")
+    return sorted(set(float(f) for f in v) | {1.0})
+
+
 class OptimConfig(_Config):
     """Fields shared by every weight-update rung: optimizer, steps, length, checkpoints, the
     forgetting check (SFT rungs add packing / dev split in TrainConfig; alignment rungs
@@ -272,6 +374,11 @@ class OptimConfig(_Config):
     )
 
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (warmup, then decay).")
+    learning_curve: list[float] | None = Field(
+        None,
+        description="Would more data help? Also train on these fractions of train (seeded, nested subsets, "
+        "e.g. [0.25, 0.5]; 1.0 is the rung itself) and score each on the same test split.",
+    )
     lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = Field(
         "linear", description="Learning-rate decay after warmup."
     )
@@ -310,11 +417,21 @@ class OptimConfig(_Config):
         4096, ge=16, description="Tokens of forgetting text to score (from the start of the file)."
     )
 
+    @field_validator("learning_curve")
+    @classmethod
+    def _curve(cls, v):
+        return _check_curve(v)
+
 
 class TrainConfig(OptimConfig):
     """Supervised fine-tuning rungs (lora, qlora, ia3, prompt/prefix tuning, full): packing and
     the dev split with early stopping (engine/sft.py)."""
 
+    epochs: float | None = Field(
+        None, gt=0,
+        description="Passes over the train set; default: from the data, at least 150 optimizer steps and at "
+        "most 3 epochs (one epoch when that is more than 150 steps).",
+    )
     packing: bool = Field(
         True,
         description="Pack each micro-batch's sequences into rows without padding (position ids "
@@ -332,7 +449,12 @@ class TrainConfig(OptimConfig):
         None, ge=1, description="Dev loss every N steps (default: about 5 times per run)."
     )
     early_stopping_patience: int | None = Field(
-        3, ge=1, description="Stop after N evaluations without a better dev loss; null = never."
+        3, ge=1, description="Stop after N evaluations without a better dev score; null = never."
+    )
+    select_on: Literal["auto", "loss", "metric"] = Field(
+        "auto",
+        description="What picks the best checkpoint and early-stops: the task metric on the dev split (label "
+        "scoring; classification, multiple-choice) or the dev loss; auto = the metric where the task has one.",
     )
 
 
@@ -592,7 +714,11 @@ class RunConfig(_Config):
     seed: int = Field(0, description="Seed for splits, example selection, training, bootstrap.")
     out: str | None = Field(None, description="Run folder (default runs/<config name>).")
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    decision: DecisionConfig = Field(default_factory=DecisionConfig)
+    cost: CostConfig = Field(default_factory=CostConfig)
+    ladder: LadderConfig = Field(default_factory=LadderConfig)
     zero_shot: ZeroShotConfig = Field(default_factory=ZeroShotConfig, alias="zero-shot")
+    calibrated: CalibratedConfig = Field(default_factory=CalibratedConfig)
     few_shot: FewShotConfig = Field(default_factory=FewShotConfig, alias="few-shot")
     cot: CotConfig = Field(default_factory=CotConfig)
     self_consistency: SelfConsistencyConfig = Field(

@@ -189,12 +189,15 @@ class Context:
     def pop_base(self) -> None:
         self._model = self._stack.pop()
 
-    def fmt(self):
-        if self._fmt is None:
-            from lmladder.prompts import ChatFormat
+    def fmt(self, plain: bool = False):
+        """The prompt format: the chat template, or (``plain``) the same prompts as text."""
+        from lmladder.prompts import ChatFormat
 
+        if self._fmt is None:
             _, tok = self.base()
             self._fmt = ChatFormat(tok, self.cfg.task.system_prompt)
+        if plain:
+            return ChatFormat(self._fmt.tokenizer, self.cfg.task.system_prompt, plain=True)
         return self._fmt
 
     def fingerprint(self, rung: str, training: bool = False) -> str:
@@ -209,7 +212,9 @@ class Context:
             "digests": self._digests,
             "seed": cfg.seed,
             "rung": rung,
-            "rung_config": cfg.rung_config(rung).model_dump(mode="json"),
+            # trained weights do not depend on which learning-curve points are also measured
+            "rung_config": cfg.rung_config(rung).model_dump(
+                mode="json", exclude={"learning_curve"} if training else None),
         }
         if not training:
             payload["eval"] = cfg.eval.model_dump(mode="json")
@@ -231,6 +236,13 @@ class Context:
                 "endpoint": os.environ.get("OPENAI_BASE_URL", "").rstrip("/"),
                 "tokenizer": os.environ.get("LMLADDER_OPENAI_TOKENIZER") or None,
             }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def fingerprint_baseline(self) -> str:
+        """What the majority baseline depends on: the task and the data (no model)."""
+        cfg = self.cfg
+        payload = {"task": cfg.task.model_dump(mode="json"), "digests": self._digests, "seed": cfg.seed,
+                   "data": cfg.data.model_dump(mode="json", exclude={"train", "test"}), "baseline": "majority"}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -319,7 +331,22 @@ def read_run(run_dir: str | Path) -> RunFolder:
         labels = list(cfg.task.labels or [])
     rank = {n: c.cost_rank for n, c in rung_mod.RUNGS.items()}
     rdir = d / "rungs"
-    done = [p.name for p in rdir.iterdir() if (p / "result.json").is_file()] if rdir.is_dir() else []
+    try:  # the fingerprints the run's config and data give: other results are stale
+        expected = json.loads((d / "run.json").read_text()).get("fingerprints") or {}
+    except (OSError, ValueError):
+        expected = {}
+
+    def current(p: Path) -> bool:
+        if not (p / "result.json").is_file() or p.name not in cfg.rungs:
+            return False  # (the majority baseline is not a rung)
+        if p.name not in expected:
+            return True
+        try:
+            return json.loads((p / "result.json").read_text()).get("fingerprint") == expected[p.name]
+        except (OSError, ValueError):
+            return False
+
+    done = [p.name for p in rdir.iterdir() if current(p)] if rdir.is_dir() else []
     done.sort(key=lambda n: (rank.get(n, 99), n))
     return RunFolder(d, cfg, labels, done)
 
@@ -373,6 +400,110 @@ def _group_scores(task, test, golds, preds) -> dict:
     return out
 
 
+def expected_fingerprints(ctx: "Context") -> dict[str, str]:
+    """The fingerprint every asked-for rung's result must carry to count as current."""
+    return {name: ctx.fingerprint(name) for name in ctx.cfg.rungs}
+
+
+def _write_baseline(ctx: "Context", out_dir: Path) -> None:
+    """rungs/majority/result.json: the most frequent train label predicted for every test
+    example (classification, multiple-choice): zero cost, shown and paired like any rung,
+    never recommended (see verdict.py)."""
+    from lmladder import verdict
+
+    task, data = ctx.task, ctx.data
+    preds = verdict.majority_predictions(task, data)
+    if preds is None:
+        return
+    rdir = out_dir / "rungs" / verdict.BASELINE
+    rdir.mkdir(parents=True, exist_ok=True)
+    golds = [task.gold(e) for e in data.test]
+    scores = task.score(golds, [p["pred"] for p in preds])
+    primary = ctx.cfg.primary_metric
+    rows = [{"id": e.id, "source": e.source, "gold": g, **p, "correct": bool(task.correct(p["pred"], g))}
+            for e, g, p in zip(data.test, golds, preds)]
+    atomic_write_jsonl(rdir / "predictions.jsonl", rows)
+    atomic_write_json(rdir / "result.json", {
+        "name": verdict.BASELINE,
+        "rank": -1.0,
+        "summary": f"most frequent train label ({preds[0]['answer']}) for every input" if preds else "",
+        "baseline": True,
+        "fingerprint": ctx.fingerprint_baseline(),
+        "metric": primary,
+        "score": scores[primary]["value"],
+        "ci": scores[primary]["ci"],
+        "metrics": scores,
+        "n_test": len(data.test),
+        "per_example": task.paired_data(golds, [p["pred"] for p in preds], primary),
+        "cost": verdict.zero_cost(),
+        "details": {"label": preds[0]["answer"] if preds else None},
+        "artifacts": {},
+        "model": None,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    })
+
+
+def _met_target(ctx: "Context", name: str) -> str | None:
+    """``ladder.stop_at_target``: a reason when rung ``name``'s current result meets the
+    target under the decision rule and beats the majority baseline (verdict.py), else None."""
+    from lmladder import verdict
+
+    cfg = ctx.cfg
+    target = cfg.task.target
+    if not target:
+        return None
+    metric = next(iter(target))
+    try:
+        r = json.loads((ctx.run_dir / "rungs" / name / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if r.get("fingerprint") != ctx.fingerprint(name) or r.get("metric") != metric or not rung_class(name).policy:
+        return None
+    if not verdict.meets(r, target[metric], cfg.decision.rule):
+        return None
+    try:
+        base = json.loads((ctx.run_dir / "rungs" / verdict.BASELINE / "result.json").read_text())
+    except (OSError, ValueError):
+        base = None
+    if base is not None and base.get("metric") == metric:
+        pr = verdict.paired(r.get("per_example"), base.get("per_example"))
+        if pr is not None and not (verdict.distinct(pr) and pr["diff"] > 0):
+            return None  # meets the target but cannot be told apart from the baseline
+    return (f"stopped at target: {name} met {metric} >= {target[metric]} "
+            f"({r['score']:.3f}, rule {cfg.decision.rule})")
+
+
+def _record_skipped(out_dir: Path, names: list[str], at: str, reason: str) -> None:
+    """run.json ``skipped``: the rungs --until-target did not climb, with the reason and, when
+    an earlier result of the same rung is on disk, roughly the seconds that saved."""
+    info = json.loads((out_dir / "run.json").read_text())
+    skipped = {}
+    for n in names:
+        est = None
+        try:
+            c = json.loads((out_dir / "rungs" / n / "result.json").read_text())["cost"]
+            est = round(float(c.get("one_time_s", c.get("train_seconds", 0))) + float(c.get("eval_seconds", 0)), 1)
+        except (OSError, ValueError, KeyError):
+            pass
+        skipped[n] = {"reason": reason, "after": at, "seconds_saved_estimate": est}
+        log.info("%s: skipped (%s)", n, reason)
+    atomic_write_json(out_dir / "run.json", {**info, "skipped": skipped})
+
+
+def _record_failure(rdir: Path, fp: str, err: BaseException) -> None:
+    """rungs/<rung>/failed.json: the rung was run for this fingerprint and raised. A finished
+    result.json beside it is kept (never deleted before its replacement exists); the
+    report tells which one is current."""
+    try:
+        rdir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(rdir / "failed.json", {
+            "fingerprint": fp, "error": f"{type(err).__name__}: {err}".splitlines()[0][:500],
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        })
+    except OSError:
+        pass
+
+
 def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
     from lmladder import report
     from lmladder.cost import Meter
@@ -391,113 +522,273 @@ def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
 
     if judge_mod.enabled(cfg):  # preference: rungs also generate responses for the win rate
         task.judge_cfg = cfg.judge
+    ctx = Context(cfg, dataset, task, out_dir)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", config_mod.dump(cfg))
         atomic_write_json(out_dir / "data.json", dataset.info)
-    ctx = Context(cfg, dataset, task, out_dir)
+        # what report.collect checks every result.json against (stale results stay out)
+        atomic_write_json(out_dir / "run.json", {
+            "fingerprints": expected_fingerprints(ctx), "baseline_fingerprint": ctx.fingerprint_baseline(),
+            "n_test": len(dataset.test), "order": run_order(cfg),
+        })
+        _write_baseline(ctx, out_dir)
 
-    for name in run_order(cfg):
-        cls = rung_class(name)
-        parent = parent_of(cfg, name)
-        rdir = out_dir / "rungs" / name
-        fp = ctx.fingerprint(name)
-        done = rdir / "result.json"
-        skip = _skip_decision(done, fp, force, name) if main else None
-        if sft.broadcast(skip):  # rank 0 decides for everyone
-            continue
-        if not main and not cls.trains:
-            # inference rungs run on rank 0 only; wait for it (see docs/distributed.md)
-            sft.barrier()
-            continue
-        if main:
-            if done.is_file():
-                done.unlink()
-            rdir.mkdir(parents=True, exist_ok=True)
-        if cls.uses_base or parent:
-            ctx.base()  # load outside the rung's meter: the model is shared by all rungs
-        if parent:
-            ctx.push_base(parent)  # the parent rung's output model is this rung's base
-        rung = cls(ctx, cfg.rung_config(name), rdir)
-        rung.name = name  # a named copy (lora@cpt) fingerprints and logs as itself
-        log.info("%s: %s", name, cls.summary)
+    order = run_order(cfg)
+    for i, name in enumerate(order):
         try:
-            with Meter() as total:
-                rung.prepare()
-                with Meter() as fit_m:
-                    fit_stats = rung.fit() if cls.trains else {}  # every rank trains
-                with Meter() as pred_m:
-                    preds, pinfo = rung.predict() if main else (None, None)
-                trainable = rung.trainable_params()
-        finally:
-            try:
-                rung.close()
-            finally:
-                if parent:
-                    ctx.pop_base()
-        if not main:
-            sft.barrier()  # rank 0 evaluates and writes this rung
-            continue
-        golds = [task.gold(e) for e in dataset.test]
-        scores = task.score(golds, [p["pred"] for p in preds])
-        primary = cfg.primary_metric
-        details = {**pinfo, **fit_stats}
-        # responses generated for the win rate are evaluation overhead, not the rung's cost
-        pred_s = pred_m.seconds - details.pop("response_seconds", 0.0)
-        wr = judge_mod.win_rate(ctx, name, parent, preds, rdir)  # preference: vs the starting model
-        if wr:
-            scores = {**scores, **wr[0]}
-            details["judge"] = wr[1]
-        own = details.get("model")  # a rung with its own model (encoder): shares relative to it
-        n_params = (own if isinstance(own, dict) else ctx.model_info).get("parameters") or 1
-        train_s = round(fit_m.seconds, 2) if cls.trains else 0.0
-        rank = cls.cost_rank
-        if parent:  # stacked: its cost includes the parent's training
-            prev = json.loads((out_dir / "rungs" / parent / "result.json").read_text())
-            details["from"] = {"rung": parent, "train_seconds": prev["cost"]["train_seconds"],
-                               "own_train_seconds": train_s}
-            train_s = round(train_s + prev["cost"]["train_seconds"], 2)
-            rank = max(rank, prev["rank"]) + cls.cost_rank / 100
-        n_test = len(dataset.test)
-        rows = [
-            {"id": e.id, "source": e.source, "input": e.input, "gold": g, **p,
-             "correct": bool(task.correct(p["pred"], g))}
-            for e, g, p in zip(dataset.test, golds, preds)
-        ]
-        atomic_write_jsonl(rdir / "predictions.jsonl", rows)
-        by_group = _group_scores(task, dataset.test, golds, preds)
-        result = {
-            "name": name,
-            "rank": rank,
-            "summary": cls.summary + (f" (from {parent})" if parent else ""),
-            "fingerprint": fp,
-            "metric": primary,
-            "score": scores[primary]["value"],
-            "ci": scores[primary]["ci"],
-            "metrics": scores,
-            "n_test": n_test,
-            "cost": {
-                "trainable_params": trainable,
-                "trainable_share": trainable / n_params,
-                "train_seconds": train_s,
-                "peak_rss_mb": round(total.peak_rss_mb, 1),
-                "prompt_tokens_per_example": round(pinfo["prompt_tokens_per_example"], 1),
-                "eval_seconds": round(pred_s, 2),
-                "eval_examples_per_second": round(n_test / pred_s, 2) if pred_s > 0 else None,
-            },
-            "details": details,
-            **({"by_group": by_group} if by_group else {}),
-            "artifacts": rung.artifacts(),
-            "model": ctx.model_info,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        atomic_write_json(done, result)
-        log.info(
-            "%s: %s %.3f [%.3f, %.3f]", name, primary, result["score"], *result["ci"]
-        )
-        if distributed:
-            sft.barrier()
+            _run_rung(ctx, name, force, main, distributed, Meter)
+        except BaseException as e:
+            if main:
+                _record_failure(out_dir / "rungs" / name, ctx.fingerprint(name), e)
+                try:  # the report of what did finish, with this rung listed as failed
+                    report.build(out_dir)
+                except Exception:  # noqa: BLE001 - the rung's own error is the one to show
+                    log.debug("report after a failed rung", exc_info=True)
+            raise
+        if cfg.ladder.stop_at_target and i + 1 < len(order):
+            met = sft.broadcast(_met_target(ctx, name) if main else None)
+            if met:
+                if main:
+                    _record_skipped(out_dir, order[i + 1:], name, met)
+                break
     results = report.build(out_dir) if main else None
     results = sft.broadcast(results)
     sft.shutdown_distributed()
     return results
+
+
+def curve_subset(train: list, fraction: float, seed: int) -> list:
+    """A seeded subset of ``fraction`` of train; subsets for growing fractions are nested
+    (one seeded order, cut at each size)."""
+    import random
+
+    order = list(range(len(train)))
+    random.Random(f"learning-curve:{seed}").shuffle(order)
+    n = max(1, round(fraction * len(train)))
+    return [train[i] for i in sorted(order[:n])]
+
+
+def _learning_curve(ctx: "Context", name: str, cls, parent, rdir: Path, golds, full_score, full_preds, Meter,
+                    details: dict) -> list:
+    """The rung retrained on nested subsets of train (``learning_curve`` fractions < 1), each
+    scored on the same test split; the full rung is the last point. Its seconds are the
+    ladder's own evaluation overhead (``details.learning_curve_seconds``), not the rung's cost."""
+    import copy
+
+    cfg, task = ctx.cfg, ctx.task
+    primary = cfg.primary_metric
+    rc = cfg.rung_config(name)
+    if getattr(rc, "k_curve", None):  # few-shot: the same rung with fewer examples in the prompt
+        k_full = len(ctx.data.train) if rc.k == "max" else rc.k
+        points = []
+        for k in [k for k in rc.k_curve if k < k_full] + [k_full]:
+            if k == k_full:
+                preds = full_preds
+            else:
+                chosen = (details.get("prompt_format") or {}).get("chosen") or rc.prompt_format
+                rung = cls(ctx, rc.model_copy(update={"k": k, "k_curve": None, "prompt_format": chosen}),
+                           rdir / f"k-{k}")
+                rung.name = name
+                rung.prepare()
+                preds, _ = rung.predict()
+                rung.close()
+            sc = task.score(golds, [p["pred"] for p in preds])[primary]
+            points.append({"k": k, "fraction": k / k_full, "n_train": k, "score": sc["value"], "ci": sc["ci"],
+                           "per_example": task.paired_data(golds, [p["pred"] for p in preds], primary)})
+        return points
+    fractions = rc.learning_curve
+    points = []
+    for f in fractions:
+        if f >= 1.0:
+            points.append({"fraction": 1.0, "n_train": len(ctx.data.train), "score": full_score["value"],
+                           "ci": full_score["ci"],
+                           "per_example": task.paired_data(golds, [p["pred"] for p in full_preds], primary)})
+            continue
+        sub = copy.copy(ctx)
+        sub.data = copy.copy(ctx.data)
+        sub.data.train = curve_subset(ctx.data.train, f, cfg.seed)
+        base_fp = ctx.fingerprint
+
+        def fingerprint(rung, training=False, _f=f, _base=base_fp):  # this subset's weights are its own
+            return hashlib.sha256(f"{_base(rung, training)}:curve:{_f}".encode()).hexdigest()[:16]
+
+        sub.fingerprint = fingerprint
+        if parent:
+            ctx.push_base(parent)
+            sub._model = ctx._model
+        rung = cls(sub, cfg.rung_config(name), rdir / f"curve-{f:g}")
+        rung.name = name
+        log.info("%s: learning curve, %d of %d train examples (%.0f%%)", name, len(sub.data.train),
+                 len(ctx.data.train), 100 * f)
+        with Meter() as m:
+            try:
+                rung.prepare()
+                rung.fit()
+                preds, _ = rung.predict()
+            finally:
+                try:
+                    rung.close()
+                finally:
+                    if parent:
+                        ctx.pop_base()
+                    else:
+                        ctx._model = sub._model  # a rung may hand the (restored) base back via set_base
+        sc = task.score(golds, [p["pred"] for p in preds])[primary]
+        points.append({"fraction": f, "n_train": len(sub.data.train), "score": sc["value"], "ci": sc["ci"],
+                       "seconds": round(m.seconds, 1),
+                       "per_example": task.paired_data(golds, [p["pred"] for p in preds], primary)})
+        log.info("%s: learning curve at %.0f%%: %s %.3f [%.3f, %.3f]", name, 100 * f, primary, sc["value"], *sc["ci"])
+    return points
+
+
+def _prior_one_time(out_dir: Path, names: list[str]) -> float:
+    """One-time seconds of finished rungs this one builds on (its ``from:`` parent and
+    ``after:`` dependencies), read from their result.json."""
+    total = 0.0
+    for n in names:
+        p = out_dir / "rungs" / n / "result.json"
+        if p.is_file():
+            c = json.loads(p.read_text()).get("cost", {})
+            total += float(c.get("one_time_s", c.get("train_seconds", 0.0)) or 0.0)
+    return total
+
+
+def _run_rung(ctx: "Context", name: str, force: bool, main: bool, distributed: bool, Meter) -> None:
+    from lmladder.engine import judge as judge_mod
+    from lmladder.engine import sft
+
+    cfg, dataset, task, out_dir = ctx.cfg, ctx.data, ctx.task, ctx.run_dir
+    cls = rung_class(name)
+    parent = parent_of(cfg, name)
+    rdir = out_dir / "rungs" / name
+    fp = ctx.fingerprint(name)
+    done = rdir / "result.json"
+    skip = _skip_decision(done, fp, force, name) if main else None
+    if sft.broadcast(skip):  # rank 0 decides for everyone
+        return
+    if not main and not cls.trains:
+        # inference rungs run on rank 0 only; wait for it (see docs/distributed.md)
+        sft.barrier()
+        return
+    if main:
+        # a finished result.json stays until its replacement is written (atomically)
+        rdir.mkdir(parents=True, exist_ok=True)
+    if cls.uses_base or parent:
+        ctx.base()  # load outside the rung's meter: the model is shared by all rungs
+    if parent:
+        ctx.push_base(parent)  # the parent rung's output model is this rung's base
+    rung = cls(ctx, cfg.rung_config(name), rdir)
+    rung.name = name  # a named copy (lora@cpt) fingerprints and logs as itself
+    log.info("%s: %s", name, cls.summary)
+    try:
+        with Meter() as total:
+            with Meter() as prep_m:
+                rung.prepare()  # prompts, shots, index build, teacher labels, format choice
+            with Meter() as fit_m:
+                fit_stats = rung.fit() if cls.trains else {}  # every rank trains
+            with Meter() as pred_m:
+                preds, pinfo = rung.predict() if main else (None, None)
+            trainable = rung.trainable_params()
+    finally:
+        try:
+            rung.close()
+        finally:
+            if parent:
+                ctx.pop_base()
+    if not main:
+        sft.barrier()  # rank 0 evaluates and writes this rung
+        return
+    golds = [task.gold(e) for e in dataset.test]
+    scores = task.score(golds, [p["pred"] for p in preds])
+    primary = cfg.primary_metric
+    details = {**pinfo, **fit_stats}
+    # responses generated for the win rate are evaluation overhead, not the rung's cost
+    pred_s = pred_m.seconds - details.pop("response_seconds", 0.0)
+    # one-time work a rung does inside predict (prompt search on its dev split)
+    search_s = float(details.pop("one_time_seconds", 0.0) or 0.0)
+    pred_s -= search_s
+    wr = judge_mod.win_rate(ctx, name, parent, preds, rdir)  # preference: vs the starting model
+    if wr:
+        scores = {**scores, **wr[0]}
+        details["judge"] = wr[1]
+    own = details.get("model")  # a rung with its own model (encoder): shares relative to it
+    n_params = (own if isinstance(own, dict) else ctx.model_info).get("parameters") or 1
+    forgetting_s = float(details.pop("forgetting_seconds", 0.0) or 0.0)
+    fit_s = fit_m.seconds - forgetting_s
+    if details.get("reused_adapter") and details.get("original_train_seconds") is not None:
+        fit_s = float(details["original_train_seconds"])  # the weights' real cost, not their load time
+    train_s = round(fit_s, 2) if cls.trains else 0.0
+    deps = [d for d in cls.after(cfg, name) if d in cfg.rungs and d != name]
+    prior = _prior_one_time(out_dir, ([parent] if parent else []) + deps)
+    one_time = round(prep_m.seconds + (fit_s if cls.trains else 0.0) + search_s + prior, 2)
+    rank = cls.cost_rank
+    if parent:  # stacked: its cost includes the parent's training
+        prev = json.loads((out_dir / "rungs" / parent / "result.json").read_text())
+        details["from"] = {"rung": parent, "train_seconds": prev["cost"]["train_seconds"],
+                           "own_train_seconds": train_s}
+        train_s = round(train_s + prev["cost"]["train_seconds"], 2)
+        rank = max(rank, prev["rank"]) + cls.cost_rank / 100
+    for d in deps:  # e.g. grpo's reward model: it ranks at least as dear as what it reads
+        p = out_dir / "rungs" / d / "result.json"
+        if p.is_file():
+            rank = max(rank, json.loads(p.read_text())["rank"] + cls.cost_rank / 100)
+    curve = None
+    rc_ = cfg.rung_config(name)
+    if getattr(rc_, "learning_curve", None) or getattr(rc_, "k_curve", None):
+        if distributed:
+            log.warning("%s: learning_curve is measured in single-process runs only; skipped", name)
+        else:
+            curve = _learning_curve(ctx, name, cls, parent, rdir, golds, scores[primary], preds, Meter, details)
+    n_test = len(dataset.test)
+    rows = [
+        {"id": e.id, "source": e.source, "input": e.input, "gold": g, **p,
+         "correct": bool(task.correct(p["pred"], g))}
+        for e, g, p in zip(dataset.test, golds, preds)
+    ]
+    atomic_write_jsonl(rdir / "predictions.jsonl", rows)
+    by_group = _group_scores(task, dataset.test, golds, preds)
+    ptok = pinfo.get("prompt_tokens_per_example", 0.0)
+    gtok = pinfo.get("generated_tokens_per_example", 0.0)
+    result = {
+        "name": name,
+        "rank": rank,
+        "summary": cls.summary + (f" (from {parent})" if parent else ""),
+        "fingerprint": fp,
+        "policy": cls.policy,
+        "metric": primary,
+        "score": scores[primary]["value"],
+        "ci": scores[primary]["ci"],
+        "metrics": scores,
+        "n_test": n_test,
+        "per_example": task.paired_data(golds, [p["pred"] for p in preds], primary),
+        "cost": {
+            "one_time_s": one_time,
+            "per_call_s": round(pred_s / n_test, 6) if n_test and pred_s > 0 else 0.0,
+            "forgetting_s": round(forgetting_s, 2),
+            "prompt_tokens_per_call": round(ptok, 1),
+            "generated_tokens_per_call": round(gtok or 0.0, 1),
+            "peak_rss_mb": round(total.peak_rss_mb, 1),
+            "eval_batch_size": cfg.eval.batch_size if not task.generative else cfg.eval.gen_batch_size,
+            "trainable_params": trainable,
+            "trainable_share": trainable / n_params,
+            "train_seconds": train_s,
+            "prepare_seconds": round(prep_m.seconds, 2),
+            "prompt_tokens_per_example": round(ptok, 1),
+            "eval_seconds": round(pred_s, 2),
+            "eval_examples_per_second": round(n_test / pred_s, 2) if pred_s > 0 else None,
+        },
+        "details": details,
+        **({"by_group": by_group} if by_group else {}),
+        **({"learning_curve": curve} if curve else {}),
+        "artifacts": rung.artifacts(),
+        "model": ctx.model_info,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    atomic_write_json(done, result)
+    (rdir / "failed.json").unlink(missing_ok=True)  # this fingerprint finished after all
+    log.info(
+        "%s: %s %.3f [%.3f, %.3f]", name, primary, result["score"], *result["ci"]
+    )
+    if distributed:
+        sft.barrier()

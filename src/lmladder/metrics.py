@@ -1,8 +1,20 @@
-"""Metrics on known predictions, with seeded percentile-bootstrap 95% CIs: classification
-(accuracy, macro-F1), SQuAD-style exact match / token F1, micro precision / recall / F1."""
+"""Metrics on known predictions with 95% CIs: classification (accuracy, macro-F1),
+SQuAD-style exact match / token F1, micro precision / recall / F1, and paired comparisons.
+
+Intervals: a proportion (every per-example value 0 or 1: accuracy, exact match, valid-JSON
+rate, reward accuracy) gets the Wilson score interval, which keeps its coverage at small n
+and near 0 or 1 (10 of 10 right is [0.72, 1], not the percentile bootstrap's [1, 1]);
+any other mean (F1, token F1, margins) a seeded percentile bootstrap over examples. Each
+metric dict says which: ``{"value", "ci", "interval": "wilson" | "bootstrap"}``.
+
+Paired comparisons of two systems on the same examples: :func:`paired_bootstrap` (the
+mean per-example difference with a seeded percentile-bootstrap CI over examples),
+:func:`mcnemar_exact` (the exact two-sided McNemar p from the discordant pairs) and
+:func:`paired` combining them."""
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
@@ -38,6 +50,132 @@ def _macro_f1_batch(p: np.ndarray, g: np.ndarray, k: int) -> np.ndarray:
     return (f1 * present).sum(1) / np.maximum(present.sum(1), 1)
 
 
+# --------------------------------------------------------------------------- intervals
+
+Z95 = 1.959964  # the standard normal's 97.5% quantile
+
+
+def wilson(k: float, n: int, z: float = Z95) -> list[float]:
+    """Wilson score interval [lo, hi] for k successes in n trials (n = 0: [0, 1])."""
+    if n <= 0:
+        return [0.0, 1.0]
+    p = k / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    center = (p + z2 / (2 * n)) / denom
+    half = z / denom * math.sqrt(max(p * (1 - p) / n + z2 / (4 * n * n), 0.0))
+    lo = 0.0 if k <= 0 else max(0.0, center - half)
+    hi = 1.0 if k >= n else min(1.0, center + half)
+    return [float(lo), float(hi)]
+
+
+def is_binary(values) -> bool:
+    """Every value is 0 or 1 (an empty list counts as binary)."""
+    v = np.asarray(values, dtype=float)
+    return bool(np.all((v == 0.0) | (v == 1.0)))
+
+
+def _percentile_ci(b: np.ndarray) -> list[float]:
+    return [float(np.percentile(b, 2.5)), float(np.percentile(b, 97.5))]
+
+
+def proportion_ci(values, z: float = Z95) -> dict:
+    """{'value', 'ci', 'interval': 'wilson'} for per-example 0/1 values (none: value 0,
+    ci [0, 1], nothing is known)."""
+    v = np.asarray(values, dtype=float)
+    if len(v) == 0:
+        return {"value": 0.0, "ci": [0.0, 1.0], "interval": "wilson"}
+    return {"value": float(v.mean()), "ci": wilson(float(v.sum()), len(v), z), "interval": "wilson"}
+
+
+def bootstrap_ci(values, n_boot: int, seed: int) -> dict:
+    """{'value', 'ci', 'interval': 'bootstrap'}: the mean with a seeded 95% percentile
+    bootstrap over examples."""
+    v = np.asarray(values, dtype=float)
+    if len(v) == 0:
+        return {"value": 0.0, "ci": [0.0, 0.0], "interval": "bootstrap"}
+    idx = np.random.default_rng(seed).integers(0, len(v), size=(n_boot, len(v)))
+    return {"value": float(v.mean()), "ci": _percentile_ci(v[idx].mean(1)), "interval": "bootstrap"}
+
+
+def mean_ci(values, n_boot: int = 1000, seed: int = 0) -> dict:
+    """The mean of per-example values with a 95% CI: Wilson when every value is 0 or 1
+    (a proportion), else the seeded percentile bootstrap. No values: Wilson's [0, 1]."""
+    return proportion_ci(values) if is_binary(values) else bootstrap_ci(values, n_boot, seed)
+
+
+# --------------------------------------------------------------------------- paired comparisons
+
+
+def _pair_arrays(a, b) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores need the same examples: {len(a)} vs {len(b)} values")
+    return a, b
+
+
+def paired_bootstrap(a, b, n_boot: int = 2000, seed: int = 0) -> dict:
+    """{'diff': mean(a - b), 'ci': [lo, hi]}: per-example scores of two systems on the same
+    examples; a seeded 95% percentile bootstrap over example indices of the mean difference
+    (no examples: diff 0, ci [0, 0])."""
+    a, b = _pair_arrays(a, b)
+    n = len(a)
+    if n == 0:
+        return {"diff": 0.0, "ci": [0.0, 0.0]}
+    d = a - b
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    return {"diff": float(d.mean()), "ci": _percentile_ci(d[idx].mean(1))}
+
+
+def mcnemar_p(b01: int, b10: int) -> float:
+    """Exact two-sided McNemar p from the discordant counts: min(1, 2 P[X <= min(b01, b10)])
+    with X ~ Binomial(b01 + b10, 1/2); no discordant pairs: 1."""
+    m = int(b01) + int(b10)
+    if m == 0:
+        return 1.0
+    k = min(int(b01), int(b10))
+    tail = sum(math.comb(m, i) for i in range(k + 1))
+    return float(min(1.0, 2 * tail / 2 ** m))
+
+
+def mcnemar_exact(a_correct, b_correct) -> float:
+    """Exact two-sided McNemar p for two systems' per-example correctness on the same
+    examples; discordant pairs b01 = a right & b wrong, b10 = a wrong & b right."""
+    a, b = _pair_arrays(a_correct, b_correct)
+    a, b = a != 0, b != 0
+    return mcnemar_p(int(np.sum(a & ~b)), int(np.sum(~a & b)))
+
+
+def sign_flip_p(a, b, n_perm: int = 2000, seed: int = 0) -> float:
+    """Two-sided paired randomisation (sign-flip) p for mean(a - b) = 0: each example's
+    difference has its sign flipped at random, seeded; (1 + #|mean*| >= |mean|) / (1 + n_perm)."""
+    a, b = _pair_arrays(a, b)
+    d = a - b
+    if len(d) == 0 or not np.any(d != 0):
+        return 1.0
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_perm, len(d)))
+    obs = abs(d.mean())
+    hits = int(np.sum(np.abs((signs * d).mean(1)) >= obs - 1e-12))
+    return float((1 + hits) / (1 + n_perm))
+
+
+def paired(a, b, binary: bool | None = None, n_boot: int = 2000, seed: int = 0) -> dict:
+    """{'diff', 'ci', 'p', 'test'}: a minus b on the same examples. diff and ci from
+    :func:`paired_bootstrap`; p the exact McNemar p when the scores are 0/1 (``binary``;
+    None: detected), else the seeded sign-flip randomisation p (``test`` says which)."""
+    out = paired_bootstrap(a, b, n_boot=n_boot, seed=seed)
+    if binary is None:
+        binary = is_binary(a) and is_binary(b)
+    if binary:
+        out.update(p=mcnemar_exact(a, b), test="mcnemar")
+    else:
+        out.update(p=sign_flip_p(a, b, n_perm=n_boot, seed=seed), test="sign-flip")
+    return out
+
+
+# --------------------------------------------------------------------------- classification
+
+
 def accuracy(pred: Sequence[str], gold: Sequence[str]) -> float:
     return float(np.mean([a == b for a, b in zip(pred, gold)])) if gold else 0.0
 
@@ -50,18 +188,19 @@ def macro_f1(pred: Sequence[str], gold: Sequence[str], labels: Sequence[str]) ->
 def classification_metrics(
     pred: Sequence[str], gold: Sequence[str], labels: Sequence[str], n_boot: int = 1000, seed: int = 0
 ) -> dict[str, dict]:
-    """{'accuracy': {'value', 'ci'}, 'macro_f1': {'value', 'ci'}} with 95% bootstrap CIs."""
+    """{'accuracy': {'value', 'ci', 'interval'}, 'macro_f1': {...}}: accuracy with the Wilson
+    interval, macro-F1 with a seeded 95% percentile bootstrap over examples."""
     p, g = _encode(pred, gold, labels)
     n = len(g)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
     correct = (p == g).astype(float)
-    acc_b = correct[idx].mean(1)
+    if n == 0:
+        return {"accuracy": proportion_ci(correct),
+                "macro_f1": {"value": 0.0, "ci": [0.0, 0.0], "interval": "bootstrap"}}
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
     f1_b = _macro_f1_batch(p[idx], g[idx], len(labels))
-    ci = lambda a: [float(np.percentile(a, 2.5)), float(np.percentile(a, 97.5))]  # noqa: E731
     return {
-        "accuracy": {"value": float(correct.mean()), "ci": ci(acc_b)},
-        "macro_f1": {"value": macro_f1(pred, gold, labels), "ci": ci(f1_b)},
+        "accuracy": proportion_ci(correct),
+        "macro_f1": {"value": macro_f1(pred, gold, labels), "ci": _percentile_ci(f1_b), "interval": "bootstrap"},
     }
 
 
@@ -126,10 +265,10 @@ def micro_prf(tp: Sequence[int], n_pred: Sequence[int], n_gold: Sequence[int],
     point = prf(*c.sum(1))
     n = c.shape[1]
     if n == 0:
-        return {k: {"value": 0.0, "ci": [0.0, 0.0]} for k in ("precision", "recall", "f1")}
+        return {k: {"value": 0.0, "ci": [0.0, 0.0], "interval": "bootstrap"} for k in ("precision", "recall", "f1")}
     idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
     boot = prf(*(c[:, idx].sum(2)))
     return {
-        k: {"value": float(point[k]), "ci": [float(np.percentile(boot[k], 2.5)), float(np.percentile(boot[k], 97.5))]}
+        k: {"value": float(point[k]), "ci": _percentile_ci(boot[k]), "interval": "bootstrap"}
         for k in ("precision", "recall", "f1")
     }

@@ -67,10 +67,13 @@ class ChatFormat:
     tokenizer: object
     system_prompt: str | None = None
     thinking: bool | None = None  # enable_thinking for templates that have it; None: template default
+    # True: render prompts as plain text even when the tokenizer has a chat template
+    # (prompt_format: plain, the lm-eval way of prompting)
+    plain: bool = False
 
     @property
     def has_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
+        return not self.plain and bool(getattr(self.tokenizer, "chat_template", None))
 
     @property
     def supports_thinking(self) -> bool:

@@ -13,11 +13,23 @@ from pathlib import Path
 from typing import Any
 
 
+AUTO_MIN_STEPS, AUTO_MAX_EPOCHS = 150, 3
+
+
 def total_steps(cfg, n_rows: int, rows_per_step: int | None = None) -> int:
-    """Optimizer steps: ``cfg.max_steps`` or ceil(epochs x steps per epoch), a step taking
-    ``rows_per_step`` rows (default batch_size x grad_accum)."""
+    """Optimizer steps: ``cfg.max_steps``, else ceil(epochs x steps per epoch), a step taking
+    ``rows_per_step`` rows (default batch_size x grad_accum). With ``epochs`` unset (SFT
+    rungs' default) the count comes from the data: at least AUTO_MIN_STEPS steps but at
+    most AUTO_MAX_EPOCHS epochs, and one epoch when that alone is longer (a 270-example set
+    at batch 8 gets 3 epochs = 102 steps instead of one of 34; 500 examples get 150 steps;
+    10,000 get one epoch)."""
     G = rows_per_step or cfg.batch_size * getattr(cfg, "grad_accum", 1)
-    return cfg.max_steps or max(1, math.ceil(math.ceil(n_rows / G) * cfg.epochs))
+    if cfg.max_steps:
+        return cfg.max_steps
+    per_epoch = math.ceil(n_rows / G)
+    if getattr(cfg, "epochs", None) is None:
+        return max(1, min(AUTO_MAX_EPOCHS * per_epoch, max(AUTO_MIN_STEPS, per_epoch)))
+    return max(1, math.ceil(per_epoch * cfg.epochs))
 
 
 def common_args(cfg, seed: int) -> dict[str, Any]:
@@ -29,7 +41,7 @@ def common_args(cfg, seed: int) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     return dict(
         learning_rate=cfg.lr,
-        num_train_epochs=cfg.epochs,
+        num_train_epochs=cfg.epochs or 1.0,  # (max_steps, always set, governs)
         warmup_steps=cfg.warmup_ratio,  # < 1: a share of the steps
         weight_decay=cfg.weight_decay,
         report_to="none",

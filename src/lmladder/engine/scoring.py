@@ -7,10 +7,11 @@ token log-probabilities given the prompt. Two things make it cheap here:
   (system message, instruction, and for few-shot the k examples). That prefix is run
   once; each batch reuses its key/value cache, so an 8-shot prompt costs little more
   than a zero-shot one.
-* **One row per example when every choice is a single token**: the next-token
-  distribution at the end of the prompt scores all choices at once, and only the last
-  position's logits are computed (``logits_to_keep``). Otherwise one row per
-  (example, choice), with only the choice positions' logits computed.
+* **Each prompt is run once**: the next-token distribution at the end of the prompt
+  scores every choice's first token at once (only the last position's logits are
+  computed, ``logits_to_keep``); longer choices (a label and its end-of-turn token)
+  continue that prompt's KV cache with their own tokens, one row per choice, so a
+  prompt's tokens are not recomputed per choice.
 
 Rows are left-padded after the shared prefix: ``[prefix][pad…][suffix]``, with an
 attention mask hiding pads and explicit position ids, so every row ends at the last
@@ -78,27 +79,23 @@ def loglikelihoods(
         prefix_cache = out.past_key_values
 
     single = all(len(c) == 1 for cs in choice_ids for c in cs)
-    # row = (example index, choice index or -1 for "all single-token choices", tokens, targets)
-    rows: list[tuple[int, int, list[int], list[int]]] = []
-    for i, (p, cs) in enumerate(zip(prompt_ids, choice_ids)):
-        suffix = p[P:]
-        if single:
-            rows.append((i, -1, suffix, [c[0] for c in cs]))
-        else:
-            for j, c in enumerate(cs):
-                rows.append((i, j, suffix + c[:-1], c))
-    order = sorted(range(len(rows)), key=lambda r: -len(rows[r][2]))
+    # Stage 1, one row per example: [prefix][pad...][prompt suffix]. Its last logits score
+    # every choice's first token at once. Stage 2 (choices longer than one token, e.g. a
+    # label and its end-of-turn token): the stage-1 cache of each example, selected once
+    # per choice, is continued by the choice's tokens, so a prompt is run once however
+    # many choices it has.
+    order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) - P))
     result: list[list[float]] = [[0.0] * len(cs) for cs in choice_ids]
     computed = P
+    n_rows = 0
     bar = tqdm(total=len(prompt_ids), desc=desc, unit="ex", leave=False, disable=None)
-    done_examples: set[int] = set()
     for start in range(0, len(order), batch_size):
-        batch = [rows[r] for r in order[start : start + batch_size]]
-        B, T = len(batch), max(len(r[2]) for r in batch)
-        keep = 1 if single else max(len(r[3]) for r in batch)
+        batch = order[start : start + batch_size]
+        B, T = len(batch), max(len(prompt_ids[i]) - P for i in batch)
         ids = torch.full((B, T), pad_id, dtype=torch.long)
         mask = torch.zeros((B, T), dtype=torch.long)
-        for b, (_, _, toks, _) in enumerate(batch):
+        for b, i in enumerate(batch):
+            toks = prompt_ids[i][P:]
             ids[b, T - len(toks) :] = torch.tensor(toks)
             mask[b, T - len(toks) :] = 1
             computed += len(toks)
@@ -113,20 +110,50 @@ def loglikelihoods(
             input_ids=ids.to(device),
             attention_mask=attn.to(device),
             position_ids=pos.to(device),
-            use_cache=prefix_cache is not None,
-            logits_to_keep=keep,
+            use_cache=not single,
+            logits_to_keep=1,
             **kwargs,
         )
-        logp = out.logits.float().log_softmax(-1).cpu()  # (B, keep, V)
-        for b, (i, j, _, targets) in enumerate(batch):
-            if single:
-                result[i] = [logp[b, -1, t].item() for t in targets]
-            else:
-                m = len(targets)
-                lp = logp[b, keep - m :, :]
-                result[i][j] = float(lp[torch.arange(m), torch.tensor(targets)].sum())
-            if i not in done_examples:
-                done_examples.add(i)
-                bar.update(1)
+        n_rows += B
+        first = out.logits[:, -1, :].float().log_softmax(-1).cpu()  # (B, V)
+        for b, i in enumerate(batch):
+            result[i] = [first[b, c[0]].item() for c in choice_ids[i]]
+        if not single:
+            stage1 = out.past_key_values
+            last_pos = pos[:, -1]
+            # (row in batch, example, choice) for every choice with more tokens to score
+            rows = [(b, i, j) for b, i in enumerate(batch) for j, c in enumerate(choice_ids[i]) if len(c) > 1]
+            for r0 in range(0, len(rows), batch_size):
+                part = rows[r0 : r0 + batch_size]
+                L = max(len(choice_ids[i][j]) - 1 for _, i, j in part)
+                R = len(part)
+                cids = torch.full((R, L), pad_id, dtype=torch.long)
+                cmask = torch.zeros((R, L), dtype=torch.long)
+                for k, (_, i, j) in enumerate(part):
+                    c = choice_ids[i][j][:-1]
+                    cids[k, : len(c)] = torch.tensor(c)
+                    cmask[k, : len(c)] = 1
+                    computed += len(c)
+                sel = torch.tensor([b for b, _, _ in part])
+                cache = copy.deepcopy(stage1)
+                cache.batch_select_indices(sel.to(device))
+                cattn = torch.cat([attn[sel], cmask], 1)
+                cpos = last_pos[sel, None] + 1 + torch.arange(L)[None]
+                cout = model(
+                    input_ids=cids.to(device),
+                    attention_mask=cattn.to(device),
+                    position_ids=cpos.to(device),
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=L,
+                )
+                n_rows += R
+                logp = cout.logits.float().log_softmax(-1).cpu()  # (R, L, V)
+                for k, (_, i, j) in enumerate(part):
+                    targets = torch.tensor(choice_ids[i][j][1:])
+                    m = len(targets)
+                    result[i][j] += float(logp[k, torch.arange(m), targets].sum())
+            del stage1
+        bar.update(B)
     bar.close()
-    return result, ScoreStats(prefix_tokens=P, computed_tokens=computed, rows=len(rows))
+    return result, ScoreStats(prefix_tokens=P, computed_tokens=computed, rows=n_rows)

@@ -564,6 +564,7 @@ def train(
     name: str = "lora",
     extra: list[dict] | None = None,
     loss_fn=None,
+    dev_metric=None,
 ) -> dict:
     """Train ``model`` (already PEFT-wrapped, or a full model) on features with HF Trainer.
 
@@ -577,11 +578,15 @@ def train(
     * With ``checkpoint_dir`` (one process only), a checkpoint is written atomically every
       ``save_steps``; a run with the same ``fingerprint`` resumes from the newest one.
     * Packing (``cfg.packing``) unless ``no_packing_reason`` says why the rung cannot.
+    * ``dev_metric(model, dev_indices) -> float`` (label-scoring tasks): the task metric on
+      the dev examples, computed at every evaluation; the best checkpoint and early stopping
+      then follow it instead of the dev loss (a loss averaged over a label's tokens can look
+      fine while only its first token, the one that decides, is still wrong).
     * ``extra`` (one dict of per-supervised-token tensors per feature) and ``loss_fn(outputs,
       labels, fields, num_items_in_batch)``: a loss that needs more than the labels (distill's
       logit KD); the fields reach it batched like the kept logits (Collator.token_fields).
     """
-    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+    from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
     from lmladder.engine.hf_train import common_args, total_steps as count_steps
 
@@ -624,6 +629,8 @@ def train(
             f"{name}.save_steps={save_steps} must be a multiple of {name}.eval_steps={eval_steps} "
             f"(the best checkpoint is chosen among the evaluated ones)"
         )
+    by_metric = evaluate and dev_metric is not None
+    best_key = "eval_task_metric" if by_metric else "eval_loss"
     resume = prepare_checkpoint_dir(checkpoint_dir, fingerprint or "") if save else None
     out_dir = checkpoint_dir if save else work_dir
 
@@ -656,8 +663,8 @@ def train(
         save_steps=save_steps,
         save_total_limit=2 if save else None,
         load_best_model_at_end=best,
-        metric_for_best_model="eval_loss" if best else None,
-        greater_is_better=False if best else None,
+        metric_for_best_model=best_key if best else None,
+        greater_is_better=by_metric if best else None,
         activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         remove_unused_columns=False,
@@ -673,7 +680,25 @@ def train(
             "%s: %d processes x micro-batch %d x grad_accum %d = global batch %d",
             name, world, micro, accum, global_batch,
         )
-    callbacks = []
+    metric_curve: list[list] = []
+
+    class _DevMetric(TrainerCallback):
+        """The task metric on the dev split at every evaluation (before early stopping and
+        the best-checkpoint choice read it)."""
+
+        def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):
+            was = model.training
+            model.eval()
+            try:
+                v = float(dev_metric(model, dev_idx))
+            finally:
+                if was:
+                    model.train()
+            if metrics is not None:  # ties on the metric go to the lower dev loss (a later, trained step)
+                metrics["eval_task_metric"] = v - 1e-6 * float(metrics.get("eval_loss", 0.0))
+            metric_curve.append([state.global_step, v])
+
+    callbacks = [_DevMetric()] if by_metric else []
     if best and cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = _Trainer(
@@ -711,6 +736,9 @@ def train(
         "dev_examples": len(dev_rows),
         "eval_curve": [[s_, l_] for s_, l_ in evals],
         "best_eval_loss": min((l_ for _, l_ in evals), default=None),
+        "selected_on": ("dev task metric" if by_metric else "dev loss") if best else None,
+        **({"dev_metric_curve": metric_curve, "best_dev_metric": max(v for _, v in metric_curve)}
+           if metric_curve else {}),
         "best_step": int(trainer.state.best_global_step) if best and trainer.state.best_global_step else None,
         "stopped_early": bool(best and steps < total_steps),
         "resumed_from": checkpoint_step(resume) if resume else None,

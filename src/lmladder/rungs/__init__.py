@@ -10,8 +10,9 @@ from lmladder.rungs.prefix_tuning import PrefixTuning
 from lmladder.rungs.prompt_tuning import PromptTuning
 from lmladder.rungs.qlora import Qlora
 from lmladder.rungs.zero_shot import ZeroShot
+from lmladder.rungs.calibrated import Calibrated
 
-RUNGS = {r.name: r for r in (ZeroShot, FewShot, Lora)}
+RUNGS = {r.name: r for r in (ZeroShot, Calibrated, FewShot, Lora)}
 RUNGS.update({r.name: r for r in (PromptTuning, PrefixTuning, Ia3, Qlora, Full)})
 from lmladder.rungs.continued_pretraining import ContinuedPretraining  # noqa: E402
 from lmladder.rungs.encoder import Encoder  # noqa: E402

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 class Rung:
     name: ClassVar[str]
-    cost_rank: ClassVar[int]  # position on the ladder: cheaper rungs first
+    cost_rank: ClassVar[float]  # position on the ladder: cheaper rungs first
     trains: ClassVar[bool] = False
     summary: ClassVar[str] = ""
     # task kinds the rung can handle (tagging needs a token-classification head)
@@ -32,6 +32,9 @@ class Rung:
     # True: rungs/<rung>/adapter is a PEFT adapter that merges into the model it was trained
     # on, so `from: <rung>` starts from that merged model (lora, ia3)
     mergeable: ClassVar[bool] = False
+    # False: the rung's output is not a model to ship for the task (a reward model scores
+    # answers); the verdict shows it and never recommends it
+    policy: ClassVar[bool] = True
 
     @classmethod
     def validate(cls, cfg, dataset) -> None:
@@ -78,12 +81,125 @@ class PromptRung(Rung):
     grammar is checked before any model work and its engine is part of the fingerprint."""
 
     @classmethod
+    def fingerprint_extra(cls, cfg) -> dict:
+        return {"constrained_engine": cfg.constrained.engine} if cfg.rung_config(cls.name).constrained else {}
+
+    @classmethod
     def validate(cls, cfg, dataset) -> None:
-        if cfg.rung_config(cls.name).constrained:  # a grammar that does not compile: one line
+        rc = cfg.rung_config(cls.name)
+        if getattr(rc, "calibrate", False) and (cfg.task.kind != "classification" or rc.constrained):
+            from lmladder.errors import LadderError
+
+            raise LadderError(f"{cls.name}.calibrate: calibration needs label scoring (task kind classification, "
+                              f"not constrained); this run is {cfg.task.kind}"
+                              + (" with constrained: true" if rc.constrained else ""))
+        if rc.constrained:  # a grammar that does not compile: one line
             from lmladder.rungs.cot import validate_grammars
 
             validate_grammars(cfg, dataset, f"{cls.name}.constrained", reasoning=False)
 
-    @classmethod
-    def fingerprint_extra(cls, cfg) -> dict:
-        return {"constrained_engine": cfg.constrained.engine} if cfg.rung_config(cls.name).constrained else {}
+    # ------------------------------------------------------------------ calibration
+    CONTENT_FREE = ("N/A", "", "[MASK]")
+
+    def calibration_setup(self, fmt_name: str, shots_for) -> None:
+        """``calibrate: true``: the label log-probabilities the prompt gives content-free
+        inputs (averaged in log space over ``CONTENT_FREE``), subtracted from every test
+        example's label scores in :meth:`calibrated` (Zhao et al. 2021, contextual
+        calibration; averaging log-probabilities makes a constant label bias cancel
+        exactly). Runs in prepare: its seconds are one-time cost."""
+        import math
+        import time
+
+        self.calibration = None
+        if not getattr(self.cfg, "calibrate", False):
+            return
+        from lmladder.data import Example
+
+        t0 = time.perf_counter()
+        task = self.ctx.task
+        model, _ = self.ctx.base()
+        cf = [Example(id=f"content-free:{i}", input=x, label=task.labels[0], source="content-free")
+              for i, x in enumerate(self.CONTENT_FREE)]
+        preds, _ = task.predict(model, self.ctx.fmt(plain=fmt_name == "plain"), self.messages_for(fmt_name, cf, shots_for),
+                                cf, desc=f"{self.name}: calibration")
+        prior = {l: 0.0 for l in task.labels}
+        for p in preds:
+            s = p["scores"]
+            z = max(s.values())
+            lse = z + math.log(sum(math.exp(v - z) for v in s.values()))
+            for l in task.labels:
+                prior[l] += (s[l] - lse) / len(preds)
+        self.calibration = {"method": "contextual", "content_free": list(self.CONTENT_FREE),
+                            "log_prior": {l: round(v, 6) for l, v in prior.items()},
+                            "seconds": round(time.perf_counter() - t0, 3)}
+
+    def calibrated(self, preds: list[dict]) -> list[dict]:
+        """Predictions with the content-free log prior subtracted from each label's score
+        (``raw_scores`` keeps the scores before)."""
+        if not getattr(self, "calibration", None):
+            return preds
+        prior = self.calibration["log_prior"]
+        out = []
+        for p in preds:
+            s = {l: v - prior[l] for l, v in p["scores"].items()}
+            best = max(self.ctx.task.labels, key=lambda l: s[l])  # ties: the first label
+            out.append({**p, "pred": best, "scores": s, "raw_scores": p["scores"], "raw_pred": p["pred"]})
+        return out
+
+    # ------------------------------------------------------------------ prompt format
+    DEV_MAX = 200  # dev examples carved from train to choose the prompt format (auto)
+
+    def label_scoring(self) -> bool:
+        """Predictions come from scoring the label set / choices (not generated text)."""
+        task = self.ctx.task
+        return task.kind in ("classification", "multiple-choice") and not self.cfg.constrained
+
+    def messages_for(self, fmt_name: str, examples, shots_for) -> list[str]:
+        """The prompt of each example in format ``fmt_name``; ``shots_for(example)``: its
+        in-context examples (none for zero-shot)."""
+        task = self.ctx.task
+        if fmt_name == "plain":
+            return [task.plain_message(e, shots_for(e)) for e in examples]
+        return [task.user_message(e, shots_for(e)) for e in examples]
+
+    def choose_format(self, shots_for, exclude=()) -> str:
+        """``prompt_format``: chat / plain as set; ``auto``: for label-scoring tasks, the better
+        of the two on a dev split of at most DEV_MAX train examples (seeded, never the test
+        split; ``exclude``: train examples already in the prompt), ties to chat; otherwise
+        chat. Records the choice, both dev scores and the seconds it took in
+        ``self.format_info`` (reported in the rung's details; the time is one-time cost)."""
+        import random
+        import time
+
+        setting = self.cfg.prompt_format
+        self.format_info = {"setting": setting}
+        if setting != "auto":
+            self.format_info["chosen"] = setting
+            return setting
+        if not self.label_scoring():
+            self.format_info.update(chosen="chat", why="not a label-scoring task / constrained: chat")
+            return "chat"
+        ids = {id(e) for e in exclude}
+        pool = [e for e in self.ctx.data.train if id(e) not in ids]
+        dev = random.Random(self.ctx.cfg.seed + 1).sample(pool, min(self.DEV_MAX, len(pool)))
+        if not dev:
+            self.format_info.update(chosen="chat", why="no train examples left for a dev split: chat")
+            return "chat"
+        t0 = time.perf_counter()
+        task, metric = self.ctx.task, self.ctx.cfg.primary_metric
+        model, _ = self.ctx.base()
+        golds = [task.gold(e) for e in dev]
+        scores = {}
+        for name in ("chat", "plain"):
+            preds, _ = task.predict(model, self.ctx.fmt(plain=name == "plain"), self.messages_for(name, dev, shots_for),
+                                    dev, desc=f"{self.name}: {name} format on dev")
+            scores[name] = task.score(golds, [p["pred"] for p in preds])[metric]["value"]
+        chosen = "plain" if scores["plain"] > scores["chat"] else "chat"
+        self.format_info.update(chosen=chosen, dev_size=len(dev), dev_metric=metric,
+                                dev_scores={k: round(v, 4) for k, v in scores.items()},
+                                seconds=round(time.perf_counter() - t0, 2))
+        import logging
+
+        logging.getLogger(__name__).info("%s: prompt format %s (dev %s: chat %.3f, plain %.3f, %d examples)",
+                                         self.name, chosen, metric, scores["chat"], scores["plain"], len(dev))
+        return chosen

@@ -253,6 +253,7 @@ class Distill(Lora):
     name = "distill"
     cost_rank = 29
     summary = "LoRA student, zero-shot prompt, trained on a teacher's answers to the train inputs"
+    select_on_metric = False  # its dev split is judged against the teacher's labels, not gold
     kinds = ("classification", "math", "qa", "extraction", "multiple-choice", "generation")
 
     # ------------------------------------------------------------------ checks

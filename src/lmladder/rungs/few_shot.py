@@ -204,7 +204,13 @@ class FewShot(PromptRung):
                 self.ctx.cfg.eval.max_new_tokens,
             )
         self.shots = [] if per_example or not self.per_test else self.per_test[0]
-        self.messages = [task.user_message(ex, s) for ex, s in zip(test, self.per_test)]
+        # the format is chosen with the shared shots (random selection) or a balanced draw
+        # (similar selection) in front of dev examples that are not among them
+        dev_shots = self.shots or select_balanced(train, self.shots_used, seed, cfg.balanced)
+        self.format = self.choose_format(lambda e: dev_shots, exclude=dev_shots)
+        shots_of = {id(ex): s for ex, s in zip(test, self.per_test)}
+        self.messages = self.messages_for(self.format, test, lambda e: shots_of[id(e)])
+        self.calibration_setup(self.format, lambda e: dev_shots)
 
     def predict(self):
         model, _ = self.ctx.base()
@@ -219,7 +225,7 @@ class FewShot(PromptRung):
                 [{"id": e.id, "input": e.input, "label": e.label} for e in self.shots],
             )
         preds, info = self.ctx.task.predict(
-            model, self.ctx.fmt(), self.messages, self.ctx.data.test, desc=self.name,
+            model, self.ctx.fmt(plain=self.format == "plain"), self.messages, self.ctx.data.test, desc=self.name,
             constrained=self.cfg.constrained, engine=self.ctx.cfg.constrained.engine,
         )
         counts = [len(s) for s in self.per_test]
@@ -230,7 +236,10 @@ class FewShot(PromptRung):
                 sum(counts) / len(counts) if counts else 0),
             "shared_prefix": self.cfg.selection == "random",
             "context_window": self.window,
+            "prompt_format": self.format_info,
         })
+        if self.calibration:
+            preds, info["calibration"] = self.calibrated(preds), self.calibration
         if self.cfg.selection == "similar" and counts:
             info["shots_used_min"], info["shots_used_max"] = min(counts), max(counts)
         return preds, info

@@ -141,6 +141,10 @@ class Rag(Rung):
         ]
         atomic_write_jsonl(self.out_dir / "retrieved.jsonl", rows)
         gold = [ex.fields.get(rc.gold_field) if rc.gold_field else None for ex in test]
+        for p, g, pids in zip(preds, gold, retrieved_pids):  # retrieval vs reading misses (diagnosis)
+            if g is not None and g != "":
+                gs = {str(x) for x in (g if isinstance(g, (list, tuple)) else [g])}
+                p["gold_retrieved"] = bool(gs & {str(x) for x in pids})
         rinfo = {
             "retriever": rc.retriever, "top_k": rc.top_k, "passages": self.n_passages,
             "chunks": len(self.index.chunks), "index_cache_hit": self.index.cache_hit,

@@ -198,6 +198,7 @@ class RewardScorer:
 class RewardModel(Rung):
     name = "reward-model"
     cost_rank = 25
+    policy = False  # a scorer of answers, not a model that answers: never the recommendation
     trains = True
     summary = "reward model (sequence classifier) trained on preference pairs"
     kinds = ("preference",)

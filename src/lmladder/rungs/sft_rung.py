@@ -10,6 +10,7 @@ changes (``release``).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import shutil
@@ -102,7 +103,31 @@ class SftRung(Rung):
             model, tok, self.features, self.answers, self.cfg, work, self.ctx.cfg.seed,
             checkpoint_dir=checkpoint_dir, fingerprint=fingerprint,
             no_packing_reason=self.no_packing_reason, n_virtual=self.n_virtual(), name=self.name,
+            dev_metric=self.dev_metric(),
         )
+
+    select_on_metric = True  # False: a rung whose dev selection must not see the gold (distill)
+
+    def dev_metric(self):
+        """``select_on`` metric (auto: label-scoring tasks): a function scoring the model being
+        trained on the dev examples with the task's own prediction (label scoring), or None."""
+        task = self.ctx.task
+        mode = getattr(self.cfg, "select_on", "loss")
+        if mode == "loss" or not self.select_on_metric or task.kind not in ("classification", "multiple-choice"):
+            return None
+        train, fmt, metric = self.ctx.data.train, self.ctx.fmt(), self.ctx.cfg.primary_metric
+
+        def score(model, idx) -> float:
+            exs = [train[i] for i in idx]
+            preds, _ = task.predict(self.dev_scoring_model(model), fmt, [task.user_message(e) for e in exs], exs,
+                                    desc=f"{self.name}: dev {metric}")
+            return task.score([task.gold(e) for e in exs], [p["pred"] for p in preds])[metric]["value"]
+
+        return score
+
+    def dev_scoring_model(self, model):
+        """The model being trained, as the task scorer calls it (prompt learning wraps it)."""
+        return model
 
     def _count(self, model, loaded: bool = False) -> None:
         """Trainable parameters: those requiring grad; for saved PEFT weights loaded for
@@ -116,8 +141,12 @@ class SftRung(Rung):
         self._total = sum(p.numel() for p in model.parameters())
 
     def fit(self) -> dict[str, Any]:
+        import json
+        import time
+
         from lmladder.engine import sft
 
+        t_fit = time.perf_counter()
         _, tok = self.ctx.base()
         main = sft.is_main()
         fp = self.ctx.fingerprint(self.name, training=True)
@@ -127,13 +156,20 @@ class SftRung(Rung):
         if reuse and not main:
             return {"reused_adapter": True}
         start = self.base_for_training()
+        t0 = time.perf_counter()
         forgetting = self._forgetting_setup(start, tok) if main else None
+        forgetting_s = time.perf_counter() - t0  # the forgetting check is not training cost
+        cost_file = self.adapter_dir / "lmladder_cost.json"
         if reuse:
             log.info("%s: reusing the trained weights in %s", self.name, self.adapter_dir)
             self.model = self.load_saved(start, self.adapter_dir)
             self._count(self.model, loaded=True)
             self.model.eval()
             stats: dict[str, Any] = {"reused_adapter": True, "truncated": getattr(self, "truncated", 0)}
+            try:  # what training these weights cost when they were made, not their load time
+                stats["original_train_seconds"] = float(json.loads(cost_file.read_text())["train_seconds"])
+            except (OSError, ValueError, KeyError):
+                pass
         else:
             self.model = self.wrap(start)
             self._count(self.model)
@@ -142,17 +178,22 @@ class SftRung(Rung):
             stats = self.train_weights(self.model, tok, work, self.out_dir / "checkpoints" if main else None, fp)
             shutil.rmtree(work, ignore_errors=True)
             if main:
+                train_s = time.perf_counter() - t_fit - forgetting_s
                 with atomic_dir(self.adapter_dir) as tmp:
                     self.model.save_pretrained(tmp, safe_serialization=True)
                     (tmp / "lmladder_fingerprint.txt").write_text(fp + "\n")
+                    (tmp / cost_file.name).write_text(json.dumps({"train_seconds": round(train_s, 3)}) + "\n")
                 # the trained weights are saved: the checkpoints are no longer needed
                 shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)
         stats["trainable_params"] = self._trainable
         stats["trainable_share"] = self._trainable / max(self._base_params(), 1)
         if forgetting is not None:
             chunks, info = forgetting
+            t0 = time.perf_counter()
             info["ppl_after"] = self._ppl(chunks, tok)
+            forgetting_s += time.perf_counter() - t0
             stats["forgetting"] = info
+            stats["forgetting_seconds"] = round(forgetting_s, 3)
         return stats
 
     def _base_params(self) -> int:
@@ -184,9 +225,51 @@ class SftRung(Rung):
         return self._trainable
 
     def predict(self):
-        return self.ctx.task.predict(
-            self.scoring_model(), self.ctx.fmt(), self.messages, self.ctx.data.test, desc=self.name
-        )
+        if not self._merge_for_scoring():
+            return self.ctx.task.predict(
+                self.scoring_model(), self.ctx.fmt(), self.messages, self.ctx.data.test, desc=self.name
+            )
+        with self.merged() as model:
+            return self.ctx.task.predict(model, self.ctx.fmt(), self.messages, self.ctx.data.test, desc=self.name)
+
+    def _merge_for_scoring(self) -> bool:
+        model = self.model
+        if model is None and self.mergeable and (self.adapter_dir / "adapter_config.json").is_file():
+            return True  # merged and unloaded by an earlier predict: merge_for_scoring reloads it
+        return bool(self.mergeable and model is not None and hasattr(model, "merge_and_unload")
+                    and getattr(model, "peft_config", None))
+
+    @contextlib.contextmanager
+    def merged(self):
+        """Evaluate at deployment speed: a mergeable adapter (lora, ia3) is merged into the
+        weights it wraps and its wrapper modules are taken out (an unmerged PEFT forward
+        costs up to 2x per call, and even a merged one still pays the wrappers' Python
+        overhead; a deployed adapter is merged). Afterwards the shared base's weights are
+        restored exactly from copies of the merged layers (no rounding drift for the next
+        rung) and the adapter is no longer attached (it is on disk; a later predict or
+        ``from:`` loads it from there)."""
+        import torch
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if self.model is None:  # merged away by an earlier predict
+            self.model = self.load_saved(self.base_for_training(), self.adapter_dir)
+            self.model.eval()
+        model, saved = self.model, []
+        for m in model.modules():
+            if isinstance(m, BaseTunerLayer):
+                w = getattr(m.get_base_layer(), "weight", None)
+                if w is not None:
+                    saved.append((w, w.detach().clone()))
+        base = model.merge_and_unload()
+        self.model = None  # the wrappers are gone: nothing for close() to unload
+        try:
+            yield base
+        finally:
+            with torch.no_grad():
+                for w, orig in saved:
+                    w.copy_(orig)
+            saved.clear()
+            self._restore_base(base)
 
     def artifacts(self):
         return {self.artifact: self.artifact}
@@ -263,6 +346,11 @@ class PromptLearningRung(SftRung):
         "the learned virtual tokens must precede every sequence, which a packed row "
         "cannot give each of its sequences"
     )
+
+    def dev_scoring_model(self, model):
+        from lmladder.engine.prompt_learning import VirtualTokenModel
+
+        return VirtualTokenModel(model)  # fresh: the virtual tokens change while training
 
     def scoring_model(self):
         from lmladder.engine.prompt_learning import VirtualTokenModel

@@ -16,8 +16,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
-import numpy as np
-
 from lmladder import prompts
 
 ANSWER_RE = re.compile(r"(?:final answer|answer)\s*(?:is)?\s*[:：]\s*", re.IGNORECASE)
@@ -33,13 +31,37 @@ class Grammar:
 
 
 def mean_ci(values: Sequence[float], n_boot: int, seed: int) -> dict:
-    """Mean of per-example values with a seeded 95% percentile-bootstrap CI."""
-    v = np.asarray(values, dtype=float)
-    if len(v) == 0:
-        return {"value": 0.0, "ci": [0.0, 0.0]}
-    idx = np.random.default_rng(seed).integers(0, len(v), size=(n_boot, len(v)))
-    b = v[idx].mean(1)
-    return {"value": float(v.mean()), "ci": [float(np.percentile(b, 2.5)), float(np.percentile(b, 97.5))]}
+    """Mean of per-example values with a 95% CI, ``{"value", "ci", "interval"}``: the
+    Wilson interval when every value is 0 or 1 (a proportion: accuracy, exact match,
+    valid-JSON rate, reward accuracy), else a seeded percentile bootstrap (F1, margins)."""
+    from lmladder import metrics
+
+    return metrics.mean_ci(values, n_boot, seed)
+
+
+def continuations(task, fmt, message: str, answers, eos_ids: set[int]) -> list[list[int]]:
+    """Token ids of each answer as scored after the prompt of ``message``: what training
+    supervises, i.e. the answer through the chat template's end-of-turn token as the
+    template renders the assistant turn (so a thinking template's empty think block comes
+    first, and "1" cannot win merely by being a prefix of "10"). A plain-text prompt
+    (``fmt.plain``) scores ``" " + answer + task.plain_end`` instead: the line end that the
+    prompt's own examples show ("\n" for labels; nothing for multiple-choice, as lm-eval)."""
+    tok = fmt.tokenizer
+    if getattr(fmt, "plain", False):
+        return [tok(fmt.answer_prefix() + a + task.plain_end, add_special_tokens=False).input_ids for a in answers]
+    from lmladder.engine.sft import response_ids
+
+    return [response_ids(fmt, message, a, eos_ids) for a in answers]
+
+
+def continuation_texts(task, fmt, message: str, answers, eos_ids: set[int] | None = None) -> list[str]:
+    """The same continuations as text, for a remote backend that scores text (one with no
+    tokenizer, hence no end-of-turn token, scores them as plain text)."""
+    tok = getattr(fmt, "tokenizer", None)
+    if getattr(fmt, "plain", False) or tok is None or (not fmt.has_template and tok.eos_token_id is None):
+        return [fmt.answer_prefix() + a + task.plain_end for a in answers]
+    eos = eos_ids if eos_ids is not None else ({tok.eos_token_id} - {None})
+    return [tok.decode(ids) for ids in continuations(task, fmt, message, answers, eos)]
 
 
 def final_part(text: str) -> str:
@@ -57,6 +79,7 @@ class Task:
     metric_names: ClassVar[tuple[str, ...]] = ()
     generative: ClassVar[bool] = True  # predictions come from generated text
     answer_word: ClassVar[str] = "Answer"
+    plain_end: ClassVar[str] = "\n"  # what ends a scored answer in a plain-text prompt
 
     def __init__(self, cfg, labels: Sequence[str], eval_cfg, seed: int):
         self.cfg, self.labels, self.eval_cfg, self.seed = cfg, list(labels), eval_cfg, seed
@@ -98,6 +121,12 @@ class Task:
             instruction or getattr(x, "instruction", None) or self.instruction, q, pairs, None,
             answer_word=self.answer_word, hints=hints, context=context,
         )
+
+    def plain_message(self, x, examples: Sequence = ()) -> str:
+        """The prompt for ``prompt_format: plain`` (rendered as text, no chat template):
+        the same template as :meth:`user_message` unless a kind has a better-known plain
+        form (multiple-choice: lm-eval's ``Question: ...\nAnswer:``)."""
+        return self.user_message(x, examples)
 
     def train_message(self, example) -> str:
         """The prompt a training rung learns from. With ``task.templates`` (FLAN-style),
@@ -161,8 +190,26 @@ class Task:
     def score(self, golds: list, preds: list) -> dict[str, dict]:
         raise NotImplementedError
 
+    def example_values(self, golds: list, preds: list) -> dict[str, list[float]]:
+        """Per-example scores of the metrics that are means over examples (accuracy,
+        exact match, token F1, ...); metrics that are not (macro-F1, micro-F1) are absent."""
+        return {}
+
+    def paired_data(self, golds: list, preds: list, metric: str) -> dict | None:
+        """What a paired comparison of two rungs on ``metric`` needs per test example
+        (verdict.paired): ``{"kind": "mean", "binary", "values"}`` for a mean over examples;
+        None when the metric cannot be taken apart by example."""
+        from lmladder.metrics import is_binary
+
+        vals = self.example_values(golds, preds)
+        if metric not in vals:
+            return None
+        v = [float(x) for x in vals[metric]]
+        return {"kind": "mean", "binary": is_binary(v), "values": v}
+
     def mean_metrics(self, per_example: dict[str, list[float]]) -> dict[str, dict]:
-        """{name: {value, ci}}: means of per-example scores with bootstrap CIs."""
+        """{name: {value, ci, interval}}: means of per-example scores with 95% CIs (Wilson
+        for 0/1 scores, else the seeded percentile bootstrap; see ``mean_ci``)."""
         return {k: mean_ci(v, self.eval_cfg.bootstrap, self.seed) for k, v in per_example.items()}
 
     # ------------------------------------------------------------------ prediction

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from lmladder import metrics, prompts
-from lmladder.tasks.base import Grammar, Task, final_part, generate_answers
+from lmladder.tasks.base import Grammar, Task, continuation_texts, continuations, final_part, generate_answers
 
 
 class ClassificationTask(Task):
@@ -60,25 +60,27 @@ class ClassificationTask(Task):
         return Grammar("choice", list(self.labels))
 
     def predict(self, model, fmt, messages, examples=None, desc="", constrained=False, engine="xgrammar"):
-        """Score every label after each prompt; return (predictions, stats)."""
+        """Score every label after each prompt, through the end of its answer (see
+        ``tasks.base.continuations``); return (predictions, stats)."""
         if constrained:
             return generate_answers(self, model, fmt, messages, examples, desc=desc,
                                     constrained=True, engine=engine)
         if hasattr(model, "label_loglikelihoods"):  # a remote backend (engine/openai_backend.py)
             texts = [fmt.prompt(m) for m in messages]
-            conts = [fmt.answer_prefix() + l for l in self.labels]
+            conts = continuation_texts(self, fmt, messages[0], self.labels) if messages else []
             lls, info = model.label_loglikelihoods(texts, conts, self.eval_cfg.batch_size)
             return self._argmax(lls), info
 
         from lmladder.engine.scoring import loglikelihoods
+        from lmladder.engine.sft import eos_token_ids
 
         tok = fmt.tokenizer
         prompt_ids = [fmt.encode(fmt.prompt(m)) for m in messages]
-        choices = [tok(fmt.answer_prefix() + l, add_special_tokens=False).input_ids for l in self.labels]
+        eos = eos_token_ids(tok, model)
         lls, stats = loglikelihoods(
             model,
             prompt_ids,
-            [choices] * len(prompt_ids),
+            [continuations(self, fmt, m, self.labels, eos) for m in messages],
             batch_size=self.eval_cfg.batch_size,
             pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
             desc=desc,
@@ -100,6 +102,15 @@ class ClassificationTask(Task):
 
     def verify(self, candidate, example):
         return None
+
+    def example_values(self, golds, preds):
+        return {"accuracy": [float(self.correct(p, g)) for p, g in zip(preds, golds)]}
+
+    def paired_data(self, golds, preds, metric):
+        if metric == "macro_f1":  # not a mean over examples: resample (pred, gold) pairs
+            p, g = metrics._encode(["" if x is None else x for x in preds], golds, self.labels)
+            return {"kind": "macro_f1", "pred": p.tolist(), "gold": g.tolist(), "k": len(self.labels)}
+        return super().paired_data(golds, preds, metric)
 
     def score(self, golds: list[str], preds: list[str]) -> dict[str, dict]:
         preds = ["" if p is None else p for p in preds]

@@ -243,16 +243,29 @@ class ExtractionTask(Task):
     def correct(self, pred, gold) -> bool:
         return pred is not None and items(pred) == items(gold)
 
-    def score(self, golds, preds):
+    @staticmethod
+    def _counts(golds, preds):
         tp, n_pred, n_gold = [], [], []
         for p, g in zip(preds, golds):
             ip, ig = items(p), items(g)
             tp.append(sum((ip & ig).values()))
             n_pred.append(sum(ip.values()))
             n_gold.append(sum(ig.values()))
-        out = metrics.micro_prf(tp, n_pred, n_gold, n_boot=self.eval_cfg.bootstrap, seed=self.seed)
-        out.update(self.mean_metrics({
+        return tp, n_pred, n_gold
+
+    def example_values(self, golds, preds):
+        return {
             "valid_json": [float(p is not None) for p in preds],
             "schema_valid": [float(p is not None and self.validator.is_valid(p)) for p in preds],
-        }))
+        }
+
+    def paired_data(self, golds, preds, metric):
+        if metric in ("f1", "precision", "recall"):  # micro scores: resample the per-example counts
+            return {"kind": "micro", "which": metric, "counts": [list(c) for c in zip(*self._counts(golds, preds))]}
+        return super().paired_data(golds, preds, metric)
+
+    def score(self, golds, preds):
+        tp, n_pred, n_gold = self._counts(golds, preds)
+        out = metrics.micro_prf(tp, n_pred, n_gold, n_boot=self.eval_cfg.bootstrap, seed=self.seed)
+        out.update(self.mean_metrics(self.example_values(golds, preds)))
         return {k: out[k] for k in self.metric_names}

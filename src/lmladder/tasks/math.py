@@ -180,5 +180,8 @@ class MathTask(Task):
     def correct(self, pred, gold) -> bool:
         return pred is not None and pred == gold
 
+    def example_values(self, golds, preds):
+        return {"exact_match": [float(self.correct(p, g)) for p, g in zip(preds, golds)]}
+
     def score(self, golds, preds):
-        return self.mean_metrics({"exact_match": [float(self.correct(p, g)) for p, g in zip(preds, golds)]})
+        return self.mean_metrics(self.example_values(golds, preds))

@@ -14,7 +14,8 @@ from __future__ import annotations
 import re
 import string
 
-from lmladder.tasks.base import ANSWER_RE, Grammar, Task, final_part, generate_answers
+from lmladder.tasks.base import (ANSWER_RE, Grammar, Task, continuation_texts, continuations, final_part,
+                                 generate_answers)
 
 LETTERS = string.ascii_uppercase
 _LETTER_RE = re.compile(r"^\(?([A-Z])(?:[).:]|\s|$)")
@@ -29,6 +30,7 @@ class MultipleChoiceTask(Task):
     kind = "multiple-choice"
     metric_names = ("accuracy", "accuracy_norm")
     generative = False
+    plain_end = ""  # plain prompts score " <choice>" exactly as lm-eval does
 
     def default_instruction(self) -> str:
         return "Choose the correct answer."
@@ -37,8 +39,15 @@ class MultipleChoiceTask(Task):
         return ["Answer with the text of the correct choice."]
 
     def query(self, example) -> str:
-        lines = [f"{LETTERS[i]}. {c}" for i, c in enumerate(example.choices or [])]
+        names = getattr(example, "choice_labels", None) or LETTERS
+        lines = [f"{names[i] if i < len(names) else LETTERS[i]}. {c}" for i, c in enumerate(example.choices or [])]
         return example.input + "\n" + "\n".join(lines)
+
+    def plain_message(self, x, examples=()) -> str:
+        """lm-eval's multiple-choice prompt: ``Question: <input>\nAnswer:`` (choices are not
+        listed; each is scored as the continuation ``" " + choice``), examples before it."""
+        shots = [f"Question: {e.input}\nAnswer: {self.answer(e)}" for e in examples]
+        return "\n\n".join(shots + [f"Question: {x.input}\nAnswer:"])
 
     def answer(self, example) -> str:
         return example.choices[example.target]
@@ -101,18 +110,19 @@ class MultipleChoiceTask(Task):
             lls, tokens, info = [], [], {}
             for m, e in zip(messages, examples):
                 row, info = model.label_loglikelihoods(
-                    [fmt.prompt(m)], [fmt.answer_prefix() + c for c in e.choices], self.eval_cfg.batch_size)
+                    [fmt.prompt(m)], continuation_texts(self, fmt, m, e.choices), self.eval_cfg.batch_size)
                 lls.append(row[0])
                 tokens.append(info.get("prompt_tokens_per_example", 0))
             info = {**info, "prompt_tokens_per_example": sum(tokens) / max(len(tokens), 1)}
             return self._argmax(lls, examples), info
 
         from lmladder.engine.scoring import loglikelihoods
+        from lmladder.engine.sft import eos_token_ids
 
         tok = fmt.tokenizer
         prompt_ids = [fmt.encode(fmt.prompt(m)) for m in messages]
-        choice_ids = [[tok(fmt.answer_prefix() + c, add_special_tokens=False).input_ids for c in e.choices]
-                      for e in examples]
+        eos = eos_token_ids(tok, model)
+        choice_ids = [continuations(self, fmt, m, e.choices, eos) for m, e in zip(messages, examples)]
         lls, stats = loglikelihoods(
             model, prompt_ids, choice_ids, batch_size=self.eval_cfg.batch_size,
             pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0, desc=desc,
@@ -137,8 +147,11 @@ class MultipleChoiceTask(Task):
     def correct(self, pred, gold) -> bool:
         return pred is not None and pred["choice"] == gold
 
-    def score(self, golds, preds):
-        return self.mean_metrics({
+    def example_values(self, golds, preds):
+        return {
             "accuracy": [float(self.correct(p, g)) for p, g in zip(preds, golds)],
             "accuracy_norm": [float(p is not None and p["choice_norm"] == g) for p, g in zip(preds, golds)],
-        })
+        }
+
+    def score(self, golds, preds):
+        return self.mean_metrics(self.example_values(golds, preds))

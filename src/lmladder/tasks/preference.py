@@ -63,10 +63,12 @@ class PreferenceTask(Task):
     def correct(self, pred, gold) -> bool:
         return isinstance(pred, dict) and pred.get("chosen_better") is True
 
+    def example_values(self, golds, preds):
+        return {"reward_accuracy": [1.0 if self.correct(p, g) else 0.0 for p, g in zip(preds, golds)],
+                "margin": [float(p["margin"]) if isinstance(p, dict) else 0.0 for p in preds]}
+
     def score(self, golds: list, preds: list) -> dict[str, dict]:
-        acc = [1.0 if self.correct(p, g) else 0.0 for p, g in zip(preds, golds)]
-        margins = [float(p["margin"]) if isinstance(p, dict) else 0.0 for p in preds]
-        return self.mean_metrics({"reward_accuracy": acc, "margin": margins})
+        return self.mean_metrics(self.example_values(golds, preds))
 
     def response_ids(self, fmt, text: str) -> list[int]:
         return fmt.tokenizer(fmt.answer_prefix() + text, add_special_tokens=False).input_ids

@@ -60,6 +60,9 @@ class TextAnswerTask(Task):
     def score(self, golds, preds):
         return self.mean_metrics(self.per_example(golds, preds))
 
+    def example_values(self, golds, preds):
+        return self.per_example(golds, preds)
+
 
 class QATask(TextAnswerTask):
     kind = "qa"
