@@ -198,3 +198,38 @@ def test_smollm2_constrained_reasoning_and_labels():
     factory = constrain.processor_factory(tok, [Grammar("choice", labels)] * 2)
     outs, _ = generate(model, tok, prompts, max_new_tokens=6, processors=factory, progress=False)
     assert all(o[0] in labels for o in outs)
+
+
+OPEN = {  # no bounds anywhere: a random model left alone runs out of tokens mid-structure
+    "type": "array",
+    "items": {"type": "object", "properties": {"text": {"type": "string", "pattern": "^[A-Za-z0-9 ]*$"},
+                                               "type": {"type": "string", "enum": ["person", "place"]}},
+              "required": ["text", "type"], "additionalProperties": False},
+}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_open_schema_is_closed_within_the_budget(tiny, engine):
+    """At the default budget every constrained output is complete, valid, schema-valid
+    JSON: when only the closing reserve is left, the grammar's closing tokens win."""
+    import jsonschema
+
+    budget = 2 * constrain.close_reserve(OPEN) + 10  # (a byte-level tokenizer: a token per character)
+    outs, stats = _run(tiny, Grammar("json_schema", OPEN), engine, n=2, do_sample=True, max_new_tokens=budget,
+                       prompts=6)
+    for o in outs:
+        jsonschema.validate(json.loads(o), OPEN)
+    assert stats.extra["grammar_closed_rows"] > 0  # the random model did need closing
+
+
+def test_bounded_grammar_schema_from_train_golds():
+    from lmladder.tasks.extraction import bounded_schema
+
+    schema = {"type": "object", "properties": {"names": {"type": "array", "items": {"type": "string"}},
+                                               "city": {"type": "string", "enum": ["a", "b"]}}}
+    golds = [{"names": ["ann", "bo"], "city": "a"}, {"names": ["christopher"], "city": "b"}]
+    b = bounded_schema(schema, golds)
+    assert b["properties"]["names"]["maxItems"] == 2
+    assert b["properties"]["names"]["items"]["maxLength"] == len("christopher")
+    assert "maxLength" not in b["properties"]["city"]  # an enum is bounded already
+    assert "maxItems" not in schema["properties"]["names"]  # the user's schema is untouched

@@ -116,6 +116,10 @@ def test_calibration_removes_a_planted_label_bias(tiny_dir, toy_data, tmp_path):
     assert info["margins"] == pytest.approx(clean_info["margins"], abs=5e-3)
     assert max(abs(m) for m in info["margins"]) < 1.0  # no longer decided by the bias
     assert info["calibration"]["log_prior"]["pos"] > info["calibration"]["log_prior"]["neg"]
+    # the target is the train label distribution (add-one smoothed), here 12 + 1 of 24 + 2 each
+    import math
+
+    assert info["calibration"]["log_train_prior"] == pytest.approx({"neg": math.log(0.5), "pos": math.log(0.5)}, abs=1e-6)
 
 
 def test_calibrate_on_a_generative_task_is_a_clear_error(run_cli, toy_data, tmp_path):

@@ -184,7 +184,11 @@ def test_extraction_default_schema_prompt_and_parse(tmp_path):
     t.setup(Dataset(train=exs, test=exs[:1], info={}))
     assert t.types == ["geo-loc", "movie", "musicartist", "other"]
     assert t.schema["items"]["properties"]["type"]["enum"] == t.types
-    assert t.grammar().kind == "json_schema" and t.grammar().value == t.schema
+    # the grammar's schema is the scored one, bounded by the train golds (longest list, longest text)
+    g = t.grammar().value
+    assert t.grammar().kind == "json_schema" and g == {**t.schema, "maxItems": 2, "items": {
+        **t.schema["items"], "properties": {**t.schema["items"]["properties"],
+                                            "text": {"type": "string", "maxLength": 16}}}}
     assert t.hints() == ['Answer with a JSON list of the entities, each {"text": ..., "type": ...} with type one of: '
                          "geo-loc, movie, musicartist, other; answer [] when there are none."]
     assert t.answer(exs[1]) == ('[{"text": "On My Own Time", "type": "other"}, '

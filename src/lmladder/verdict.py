@@ -143,9 +143,19 @@ def curve_reading(points: list[dict], target: float | None, rule: str = "point",
         reading = "more data made it worse (check the training settings)"
     else:
         reading = "cannot tell"
+    best = max(pts[:-1], key=lambda p: p["score"])
+    pb = paired(best.get("per_example"), last.get("per_example"), seed=seed)
+    better_smaller = None
+    if pb is not None and distinct(pb) and pb["diff"] > 0:  # a smaller point beats the full one
+        what = f"k={best['k']}" if "k" in best else f"{best['fraction']:.0%} of train"
+        better_smaller = {"fraction": best["fraction"], **({"k": best["k"]} if "k" in best else {}),
+                          "score": best["score"], "vs_full": pb}
+        reading += f"; but {what} scores higher than the full rung ({best['score']:.3f}, paired {pb['diff']:+.3f}), " \
+                   "so the curve is not monotone: more is not simply better"
     meets_at = next((p["fraction"] for p in pts if target is not None and meets(p, target, rule)), None)
     return {"from_fraction": half["fraction"], "to_fraction": last["fraction"],
-            "gain": pr, "reading": reading, "smallest_fraction_meeting_target": meets_at}
+            "gain": pr, "reading": reading, "smallest_fraction_meeting_target": meets_at,
+            "better_smaller": better_smaller}
 
 
 # --------------------------------------------------------------------------- the decision

@@ -19,7 +19,12 @@ engine/generate.py) a row still thinking when only the answer's reserve is left 
 ``"\nAnswer: "`` forced (one token per step, through the same mask), so the answer fits.
 
 JSON is compact-ish (``", "`` / ``": "`` separators, no free whitespace), so a small
-model cannot wander into endless blank lines inside an object.
+model cannot wander into endless blank lines inside an object. With a token budget, a
+JSON answer still open when only the closing reserve is left (``close_reserve``: enough
+for the required keys still to come) is steered shut: wherever the grammar allows a
+token made only of closing characters (``"``, ``}``, ``]``) only those are allowed, and
+once the document is complete only the stop tokens; so every output within the budget is
+complete, valid JSON that matches the schema (the grammar still decides every token).
 
 Validation needs no tokenizer and no model: :func:`check` parses the grammar with the
 chosen engine and returns a one-line error (a bad regex, a broken schema).
@@ -324,6 +329,44 @@ def apply_bitmask_(scores: torch.Tensor, bitmask: torch.Tensor, vocab_size: int)
     scores[:, :V].masked_fill_(~allowed.to(scores.device), float("-inf"))
 
 
+def close_reserve(schema) -> int:
+    """Tokens kept to close a JSON answer: a few per required property (its key, a short
+    value), nested schemas included, plus the closing brackets."""
+    def req(node) -> int:
+        if not isinstance(node, dict):
+            return 0
+        n = len(node.get("required") or [])
+        subs = list((node.get("properties") or {}).values())
+        if isinstance(node.get("items"), dict):
+            subs.append(node["items"])
+        return n + sum(req(s) for s in subs)
+
+    return 12 + 8 * req(schema)
+
+
+def _closing_ids(tokenizer, vocab_size: int) -> list[int]:
+    """Token ids whose text is only JSON closing characters (quotes, braces, brackets)."""
+    out = []
+    for i in range(vocab_size):
+        try:
+            t = tokenizer.decode([i])
+        except Exception:  # noqa: BLE001 - special / unused ids
+            continue
+        s = t.replace(" ", "")
+        if s and set(s) <= set('"}]'):
+            out.append(i)
+    return out
+
+
+def _bits(ids, vocab_size: int) -> torch.Tensor:
+    words = (vocab_size + 31) // 32
+    b = torch.zeros(words, dtype=torch.int64)
+    for i in ids:
+        if 0 <= i < vocab_size:
+            b[i // 32] |= 1 << (i % 32)
+    return torch.where(b >= 2**31, b - 2**32, b).to(torch.int32)
+
+
 class GrammarLogitsProcessor(LogitsProcessor):
     """One batch of ``generate``: one matcher per row. Rows are left-padded (the
     processor only looks at the last token of each row); a row that produced a stop
@@ -334,8 +377,12 @@ class GrammarLogitsProcessor(LogitsProcessor):
     step, each still checked against the grammar's mask."""
 
     def __init__(self, engine: _Engine, compiled: list, force_after: int | None = None,
-                 force_ids: Sequence[int] = (), decode=None, counters: dict | None = None):
+                 force_ids: Sequence[int] = (), decode=None, counters: dict | None = None,
+                 close_after: Sequence[int | None] | None = None, closing_bits=None, stop_bits=None):
         self.engine = engine
+        # per row: generated tokens after which a JSON answer is steered shut (None: never)
+        self.close_after = list(close_after) if close_after is not None else [None] * len(compiled)
+        self.closing_bits, self.stop_bits = closing_bits, stop_bits
         self.matchers = [engine.matcher(c) for c in compiled]
         self.done = [False] * len(compiled)
         self.queue: list[list[int]] = [[] for _ in compiled]
@@ -370,9 +417,27 @@ class GrammarLogitsProcessor(LogitsProcessor):
                 fill(self.bitmask, i)
         if self.force_after is not None and input_ids.shape[1] - self.start >= self.force_after:
             self._force(input_ids)
+        step = input_ids.shape[1] - self.start
+        for i, c in enumerate(self.close_after):
+            if c is not None and step >= c and not self.done[i]:
+                self._close(i)
         apply_bitmask_(scores, self.bitmask, self.engine.vocab_size)
         self.counters["seconds"] += time.perf_counter() - t0  # the grammar's own cost
         return scores
+
+    def _close(self, i: int) -> None:
+        """Row ``i`` is out of budget: stop when the document is complete, else prefer the
+        closing tokens the grammar allows."""
+        row = self.bitmask[i]
+        for bits in (self.stop_bits, self.closing_bits):
+            if bits is None:
+                continue
+            both = row & bits
+            if bool(both.any()):
+                if bits is self.closing_bits:
+                    self.counters["closed_rows"] = self.counters.get("closed_rows", 0) + 1
+                self.bitmask[i] = both
+                return
 
     def _force(self, input_ids) -> None:
         if input_ids.shape[1] - self.start == self.force_after:  # once: who is still thinking?
@@ -411,7 +476,8 @@ class ProcessorFactory:
         self.grammars, self.reasoning = list(grammars), reasoning
         self.engine = _engine_for(tokenizer, engine, stop or stop_ids(tokenizer))
         self.force_ids = tokenizer("\n" + ANSWER_PREFIX, add_special_tokens=False).input_ids
-        self.counters = {"rejected_tokens": 0, "forced_rows": 0, "batches": 0, "seconds": 0.0}
+        self.counters = {"rejected_tokens": 0, "forced_rows": 0, "closed_rows": 0, "batches": 0, "seconds": 0.0}
+        self._closing = None
 
     def stats(self) -> dict:
         return {"grammar_engine": self.engine.engine, "grammars_compiled": len(self.engine._compiled),
@@ -426,10 +492,20 @@ class ProcessorFactory:
         if self.reasoning and max_new_tokens is not None:
             reserve = max(_ANSWER_RESERVE[g.kind] for g in gs) + len(self.force_ids)
             force_after = max(max_new_tokens - min(reserve, max_new_tokens // 2), 0)
+        close_after = [None] * len(gs)
+        closing = stop = None
+        if not self.reasoning and max_new_tokens is not None and any(g.kind == "json_schema" for g in gs):
+            if self._closing is None:  # once per factory: which tokens close, which stop
+                V = self.engine.vocab_size
+                self._closing = (_bits(_closing_ids(self.tokenizer, V), V), _bits(self.engine.stop, V))
+            closing, stop = self._closing
+            close_after = [max(max_new_tokens - min(close_reserve(g.value), max_new_tokens // 2), 0)
+                           if g.kind == "json_schema" else None for g in gs]
         proc = GrammarLogitsProcessor(
             self.engine, [self.engine.compiled(g, self.reasoning) for g in gs],
             force_after=force_after, force_ids=self.force_ids,
             decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), counters=self.counters,
+            close_after=close_after, closing_bits=closing, stop_bits=stop,
         )
         self.counters["batches"] += 1
         self.counters["seconds"] += time.perf_counter() - t0  # compiling (first use), matchers

@@ -103,10 +103,11 @@ class PromptRung(Rung):
 
     def calibration_setup(self, fmt_name: str, shots_for) -> None:
         """``calibrate: true``: the label log-probabilities the prompt gives content-free
-        inputs (averaged in log space over ``CONTENT_FREE``), subtracted from every test
-        example's label scores in :meth:`calibrated` (Zhao et al. 2021, contextual
-        calibration; averaging log-probabilities makes a constant label bias cancel
-        exactly). Runs in prepare: its seconds are one-time cost."""
+        inputs (averaged in log space over ``CONTENT_FREE``) are replaced, in every test
+        example's label scores, by the train split's label log-frequencies
+        (:meth:`calibrated`; Zhao et al. 2021's contextual calibration, with the train prior
+        as the target instead of uniform; averaging log-probabilities makes a constant label
+        bias cancel exactly). Runs in prepare: its seconds are one-time cost."""
         import math
         import time
 
@@ -129,8 +130,17 @@ class PromptRung(Rung):
             lse = z + math.log(sum(math.exp(v - z) for v in s.values()))
             for l in task.labels:
                 prior[l] += (s[l] - lse) / len(preds)
+        # a content-free input should come out as the train label distribution, not as
+        # uniform (Zhao et al.'s target): on imbalanced data (spam 13%) a uniform target
+        # would push most inputs to the rare label
+        counts = {l: 1 for l in task.labels}  # add-one smoothing
+        for e in self.ctx.data.train:
+            if e.label in counts:
+                counts[e.label] += 1
+        total = sum(counts.values())
         self.calibration = {"method": "contextual", "content_free": list(self.CONTENT_FREE),
                             "log_prior": {l: round(v, 6) for l, v in prior.items()},
+                            "log_train_prior": {l: round(math.log(c / total), 6) for l, c in counts.items()},
                             "seconds": round(time.perf_counter() - t0, 3)}
 
     def calibrated(self, preds: list[dict]) -> list[dict]:
@@ -138,10 +148,10 @@ class PromptRung(Rung):
         (``raw_scores`` keeps the scores before)."""
         if not getattr(self, "calibration", None):
             return preds
-        prior = self.calibration["log_prior"]
+        prior, target = self.calibration["log_prior"], self.calibration["log_train_prior"]
         out = []
         for p in preds:
-            s = {l: v - prior[l] for l, v in p["scores"].items()}
+            s = {l: v - prior[l] + target[l] for l, v in p["scores"].items()}
             best = max(self.ctx.task.labels, key=lambda l: s[l])  # ties: the first label
             out.append({**p, "pred": best, "scores": s, "raw_scores": p["scores"], "raw_pred": p["pred"]})
         return out

@@ -78,6 +78,39 @@ def entity_schema(types: list[str] | None) -> dict:
     }
 
 
+def bounded_schema(schema: Any, golds: list) -> Any:
+    """A copy of ``schema`` for the grammar with its open ends bounded by the train golds:
+    an array without ``maxItems`` gets the longest such array in the golds, a free string
+    without ``maxLength`` the longest such string (enums, patterns, formats are bounded
+    already). Outputs valid under it are valid under ``schema``; a small model can then not
+    run a list or a string past its token budget."""
+    import copy
+
+    def walk(node, values):
+        if not isinstance(node, dict):
+            return node
+        out = dict(node)
+        types = node.get("type")
+        types = types if isinstance(types, list) else [types]
+        if "array" in types:
+            arrays = [v for v in values if isinstance(v, list)]
+            if arrays and "maxItems" not in node:
+                out["maxItems"] = max(1, max(len(v) for v in arrays))
+            if isinstance(node.get("items"), dict):
+                out["items"] = walk(node["items"], [x for v in arrays for x in v])
+        if "object" in types or "properties" in node:
+            objs = [v for v in values if isinstance(v, dict)]
+            out["properties"] = {k: walk(s, [o[k] for o in objs if k in o])
+                                 for k, s in (node.get("properties") or {}).items()}
+        if "string" in types and not ({"maxLength", "enum", "const", "pattern", "format"} & node.keys()):
+            strs = [v for v in values if isinstance(v, str)]
+            if strs:
+                out["maxLength"] = max(1, max(len(v) for v in strs))
+        return out
+
+    return walk(copy.deepcopy(schema), list(golds))
+
+
 def bio_to_entities(tokens: list[str], tags: list[str]) -> list[dict]:
     """BIO tags over tokens -> [{"text", "type"}] in order (spans read as conlleval does:
     an I- tag that does not continue an entity of its type starts one)."""
@@ -166,6 +199,7 @@ class ExtractionTask(Task):
         self.entities = self.user_schema is None  # default: entity lists
         self.types: list[str] = []
         self.schema = self.user_schema or entity_schema(None)
+        self.grammar_schema = self.schema  # the schema bounded by the train golds (setup)
         self._validator()
 
     def _validator(self):
@@ -199,6 +233,7 @@ class ExtractionTask(Task):
             else:
                 self.schema = {}
             self._validator()
+        self.grammar_schema = bounded_schema(self.schema, vals)
 
     # ------------------------------------------------------------------ prompts / targets
     def default_instruction(self) -> str:
@@ -232,7 +267,7 @@ class ExtractionTask(Task):
         return json.dumps(sorted(items(pred).elements()), ensure_ascii=False)
 
     def grammar(self, example=None):
-        return Grammar("json_schema", self.schema)
+        return Grammar("json_schema", self.grammar_schema)
 
     def verify(self, candidate, example):
         """1 when the candidate is valid JSON matching the schema, else 0."""
