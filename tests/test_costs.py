@@ -47,7 +47,7 @@ def test_reused_adapter_keeps_its_train_seconds_and_forgetting_is_separate(run_c
     assert run_cli(*args)[0] == 0
     first = _res(out, "lora")
     stamp = json.loads((out / "rungs/lora/adapter/lmladder_cost.json").read_text())
-    assert first["cost"]["train_seconds"] == pytest.approx(stamp["train_seconds"], abs=0.02)
+    assert first["cost"]["train_seconds"] == pytest.approx(stamp["train_seconds"], abs=0.05)
     assert first["cost"]["forgetting_s"] > 0 and first["details"]["forgetting"]["ppl_after"] > 0
     # one-time = prepare + training; the forgetting check is not in it
     assert first["cost"]["one_time_s"] == pytest.approx(

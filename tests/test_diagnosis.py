@@ -25,6 +25,16 @@ def test_label_bias_confusion_and_calibration_offered():
     assert d["label_bias"] == {"label": "pos", "pred_share": 1.0, "gold_share": 0.5, "biased": True}
     assert d["confusion"]["matrix"] == [[0, 50], [0, 50]]
     assert any("calibration" in s for s in d["next"])
+    # one label for every input on imbalanced gold (85% ham) is label bias too, and a rung
+    # no better than the baseline says so
+    golds = ["ham"] * 85 + ["spam"] * 15
+    d = diagnosis.diagnose("classification", ["ham", "spam"], _rows(["ham"] * 100, golds),
+                           {"score": 0.85, "ci": [0.77, 0.91], "metrics": {}}, target=0.95,
+                           vs_baseline={"diff": 0.0, "ci": [0.0, 0.0], "p": 1.0})
+    assert d["label_bias"]["biased"] and "no better than the majority baseline" in d["findings"][-1]
+    d = diagnosis.diagnose("classification", ["ham", "spam"], _rows(["ham"] * 100, golds),
+                           {"score": 0.85, "ci": [0.77, 0.91], "metrics": {}, "details": {"calibration": {"method": "contextual"}}})
+    assert d["next"] == ["label bias left after calibration -> fine-tuning (`lora`)"]
     # a balanced predictor has no bias finding
     d = diagnosis.diagnose("classification", ["neg", "pos"], _rows(golds, golds), {**res, "score": 1.0}, target=0.8)
     assert not d["label_bias"]["biased"] and d["next"] == []

@@ -75,12 +75,16 @@ def diagnose(kind: str, labels: list[str] | None, rows: list[dict], result: dict
             k = pc[top]
             name = top if kind == "classification" else f"choice {top}"
             share, gshare = k / n, gc.get(top, 0) / n
-            biased = share >= gshare + BIAS_MARGIN
+            # far above its gold share, or (nearly) one label for every input when gold has others
+            biased = share >= gshare + BIAS_MARGIN or (share >= 0.95 and gshare <= 0.9)
             out["label_bias"] = {"label": name, "pred_share": round(share, 4), "gold_share": round(gshare, 4),
                                  "biased": biased}
             if biased:
                 findings.append(f"label bias: predicts {name} for {share:.0%} of inputs ({gshare:.0%} in gold)")
-                nxt.append("label bias -> calibration (`calibrate: true`, or the `calibrated` rung)")
+                if (result.get("details") or {}).get("calibration"):
+                    nxt.append("label bias left after calibration -> fine-tuning (`lora`)")
+                else:
+                    nxt.append("label bias -> calibration (`calibrate: true`, or the `calibrated` rung)")
         if kind == "classification" and labels:
             idx = {l: i for i, l in enumerate(labels)}
             m = [[0] * len(labels) for _ in labels]
@@ -103,7 +107,11 @@ def diagnose(kind: str, labels: list[str] | None, rows: list[dict], result: dict
     det = result.get("details") or {}
     if det.get("agreement_rate") is not None:
         out["agreement"] = det["agreement_rate"]
-    if trains and vs_baseline is not None and not (verdict.distinct(vs_baseline) and vs_baseline["diff"] > 0):
+    at_chance = vs_baseline is not None and not (verdict.distinct(vs_baseline) and vs_baseline["diff"] > 0)
+    if at_chance and not trains:
+        findings.append("no better than the majority baseline (paired difference "
+                        f"{vs_baseline['diff']:+.3f}, 95% CI [{vs_baseline['ci'][0]:+.3f}, {vs_baseline['ci'][1]:+.3f}])")
+    if trains and at_chance:
         out["under_trained"] = True
         findings.append("under-trained: cannot be told apart from the majority baseline "
                         f"(paired difference {vs_baseline['diff']:+.3f}, 95% CI [{vs_baseline['ci'][0]:+.3f}, "

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lmladder.io import atomic_dir
+from lmladder.io import atomic_dir, atomic_write_json
 from lmladder.rungs.base import Rung
 
 log = logging.getLogger(__name__)
@@ -178,11 +178,13 @@ class SftRung(Rung):
             stats = self.train_weights(self.model, tok, work, self.out_dir / "checkpoints" if main else None, fp)
             shutil.rmtree(work, ignore_errors=True)
             if main:
-                train_s = time.perf_counter() - t_fit - forgetting_s
                 with atomic_dir(self.adapter_dir) as tmp:
                     self.model.save_pretrained(tmp, safe_serialization=True)
                     (tmp / "lmladder_fingerprint.txt").write_text(fp + "\n")
-                    (tmp / cost_file.name).write_text(json.dumps({"train_seconds": round(train_s, 3)}) + "\n")
+                # what these weights cost (saving included, the forgetting check not): a later
+                # run that reuses them reports this, not their load time
+                train_s = time.perf_counter() - t_fit - forgetting_s
+                atomic_write_json(cost_file, {"train_seconds": round(train_s, 3)})
                 # the trained weights are saved: the checkpoints are no longer needed
                 shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)
         stats["trainable_params"] = self._trainable
