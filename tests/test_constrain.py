@@ -233,3 +233,10 @@ def test_bounded_grammar_schema_from_train_golds():
     assert b["properties"]["names"]["items"]["maxLength"] == len("christopher")
     assert "maxLength" not in b["properties"]["city"]  # an enum is bounded already
     assert "maxItems" not in schema["properties"]["names"]  # the user's schema is untouched
+
+
+def test_in_json_string():
+    assert constrain.in_json_string('[{"text": "ab')
+    assert not constrain.in_json_string('[{"text": "ab"')
+    assert constrain.in_json_string('[{"text": "a\\"b')  # an escaped quote does not close it
+    assert not constrain.in_json_string('[{"text": "a\\\\"')  # an escaped backslash, then the close

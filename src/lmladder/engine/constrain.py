@@ -344,9 +344,11 @@ def close_reserve(schema) -> int:
     return 12 + 8 * req(schema)
 
 
-def _closing_ids(tokenizer, vocab_size: int) -> list[int]:
-    """Token ids whose text is only JSON closing characters (quotes, braces, brackets)."""
-    out = []
+def _closing_ids(tokenizer, vocab_size: int) -> tuple[list[int], list[int]]:
+    """Token ids whose text is only JSON closing characters: (those that start with a
+    quote -- they end an open string --, those without a quote -- they end objects and
+    arrays outside strings)."""
+    quote, plain = [], []
     for i in range(vocab_size):
         try:
             t = tokenizer.decode([i])
@@ -354,8 +356,24 @@ def _closing_ids(tokenizer, vocab_size: int) -> list[int]:
             continue
         s = t.replace(" ", "")
         if s and set(s) <= set('"}]'):
-            out.append(i)
-    return out
+            if s[0] == '"':
+                quote.append(i)
+            elif '"' not in s:
+                plain.append(i)
+    return quote, plain
+
+
+def in_json_string(text: str) -> bool:
+    """Whether a JSON prefix ends inside a string (quotes not escaped by a backslash)."""
+    inside = escaped = False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and inside:
+            escaped = True
+        elif ch == '"':
+            inside = not inside
+    return inside
 
 
 def _bits(ids, vocab_size: int) -> torch.Tensor:
@@ -379,6 +397,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
     def __init__(self, engine: _Engine, compiled: list, force_after: int | None = None,
                  force_ids: Sequence[int] = (), decode=None, counters: dict | None = None,
                  close_after: Sequence[int | None] | None = None, closing_bits=None, stop_bits=None):
+        # closing_bits: (tokens that start with a quote, closing tokens without one)
         self.engine = engine
         # per row: generated tokens after which a JSON answer is steered shut (None: never)
         self.close_after = list(close_after) if close_after is not None else [None] * len(compiled)
@@ -420,21 +439,25 @@ class GrammarLogitsProcessor(LogitsProcessor):
         step = input_ids.shape[1] - self.start
         for i, c in enumerate(self.close_after):
             if c is not None and step >= c and not self.done[i]:
-                self._close(i)
+                self._close(i, input_ids[i, self.start:].tolist())
         apply_bitmask_(scores, self.bitmask, self.engine.vocab_size)
         self.counters["seconds"] += time.perf_counter() - t0  # the grammar's own cost
         return scores
 
-    def _close(self, i: int) -> None:
-        """Row ``i`` is out of budget: stop when the document is complete, else prefer the
-        closing tokens the grammar allows."""
+    def _close(self, i: int, generated: list[int]) -> None:
+        """Row ``i`` is out of budget: stop when the document is complete; else, inside a
+        string, a token that starts with its closing quote; else a token of only braces /
+        brackets; each only where the grammar allows it (else the grammar's own choice:
+        a required key, an enum value, a separator)."""
         row = self.bitmask[i]
-        for bits in (self.stop_bits, self.closing_bits):
+        quote, plain = self.closing_bits if self.closing_bits is not None else (None, None)
+        inside = in_json_string(self.decode(generated)) if self.decode is not None else False
+        for bits in (self.stop_bits, quote if inside else plain):
             if bits is None:
                 continue
             both = row & bits
             if bool(both.any()):
-                if bits is self.closing_bits:
+                if bits is not self.stop_bits:
                     self.counters["closed_rows"] = self.counters.get("closed_rows", 0) + 1
                 self.bitmask[i] = both
                 return
@@ -497,7 +520,8 @@ class ProcessorFactory:
         if not self.reasoning and max_new_tokens is not None and any(g.kind == "json_schema" for g in gs):
             if self._closing is None:  # once per factory: which tokens close, which stop
                 V = self.engine.vocab_size
-                self._closing = (_bits(_closing_ids(self.tokenizer, V), V), _bits(self.engine.stop, V))
+                quote, plain = _closing_ids(self.tokenizer, V)
+                self._closing = ((_bits(quote, V), _bits(plain, V)), _bits(self.engine.stop, V))
             closing, stop = self._closing
             close_after = [max(max_new_tokens - min(close_reserve(g.value), max_new_tokens // 2), 0)
                            if g.kind == "json_schema" else None for g in gs]
