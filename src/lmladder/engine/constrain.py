@@ -21,10 +21,11 @@ engine/generate.py) a row still thinking when only the answer's reserve is left 
 JSON is compact-ish (``", "`` / ``": "`` separators, no free whitespace), so a small
 model cannot wander into endless blank lines inside an object. With a token budget, a
 JSON answer still open when only the closing reserve is left (``close_reserve``: enough
-for the required keys still to come) is steered shut: wherever the grammar allows a
-token made only of closing characters (``"``, ``}``, ``]``) only those are allowed, and
-once the document is complete only the stop tokens; so every output within the budget is
-complete, valid JSON that matches the schema (the grammar still decides every token).
+for the required keys still to come) is steered shut: inside an open string only a
+token that starts with the closing quote, outside strings only tokens of braces and
+brackets (each where the grammar allows it), and once the document is complete only the
+stop tokens; so every output within the budget is complete, valid JSON that matches the
+schema (the grammar still decides every token).
 
 Validation needs no tokenizer and no model: :func:`check` parses the grammar with the
 chosen engine and returns a one-line error (a bad regex, a broken schema).
