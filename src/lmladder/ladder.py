@@ -20,6 +20,7 @@ decisions are broadcast, so the run folder need not be on a shared filesystem.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -590,9 +591,9 @@ def _learning_curve(ctx: "Context", name: str, cls, parent, rdir: Path, golds, f
                 rung = cls(ctx, rc.model_copy(update={"k": k, "k_curve": None, "prompt_format": chosen}),
                            rdir / f"k-{k}")
                 rung.name = name
-                rung.prepare()
-                preds, _ = rung.predict()
-                rung.close()
+                with _closing(rung, ctx, None):
+                    rung.prepare()
+                    preds, _ = rung.predict()
             sc = task.score(golds, [p["pred"] for p in preds])[primary]
             points.append({"k": k, "fraction": k / k_full, "n_train": k, "score": sc["value"], "ci": sc["ci"],
                            "per_example": task.paired_data(golds, [p["pred"] for p in preds], primary)})
@@ -621,25 +622,33 @@ def _learning_curve(ctx: "Context", name: str, cls, parent, rdir: Path, golds, f
         rung.name = name
         log.info("%s: learning curve, %d of %d train examples (%.0f%%)", name, len(sub.data.train),
                  len(ctx.data.train), 100 * f)
-        with Meter() as m:
-            try:
-                rung.prepare()
-                rung.fit()
-                preds, _ = rung.predict()
-            finally:
-                try:
-                    rung.close()
-                finally:
-                    if parent:
-                        ctx.pop_base()
-                    else:
-                        ctx._model = sub._model  # a rung may hand the (restored) base back via set_base
+        # (without a parent, a rung may hand the restored base back via set_base on sub)
+        with Meter() as m, _closing(rung, ctx, parent, lambda: setattr(ctx, "_model", sub._model)):
+            rung.prepare()
+            rung.fit()
+            preds, _ = rung.predict()
         sc = task.score(golds, [p["pred"] for p in preds])[primary]
         points.append({"fraction": f, "n_train": len(sub.data.train), "score": sc["value"], "ci": sc["ci"],
                        "seconds": round(m.seconds, 1),
                        "per_example": task.paired_data(golds, [p["pred"] for p in preds], primary)})
         log.info("%s: learning curve at %.0f%%: %s %.3f [%.3f, %.3f]", name, 100 * f, primary, sc["value"], *sc["ci"])
     return points
+
+
+@contextlib.contextmanager
+def _closing(rung, ctx: "Context", parent: str | None, restore=None):
+    """Run a rung's steps, then always close it and hand the shared base back: pop the
+    ``from:`` parent's model, else call ``restore``."""
+    try:
+        yield rung
+    finally:
+        try:
+            rung.close()
+        finally:
+            if parent:
+                ctx.pop_base()
+            elif restore is not None:
+                restore()
 
 
 def _prior_one_time(out_dir: Path, names: list[str]) -> float:
@@ -681,21 +690,14 @@ def _run_rung(ctx: "Context", name: str, force: bool, main: bool, distributed: b
     rung = cls(ctx, cfg.rung_config(name), rdir)
     rung.name = name  # a named copy (lora@cpt) fingerprints and logs as itself
     log.info("%s: %s", name, cls.summary)
-    try:
-        with Meter() as total:
-            with Meter() as prep_m:
-                rung.prepare()  # prompts, shots, index build, teacher labels, format choice
-            with Meter() as fit_m:
-                fit_stats = rung.fit() if cls.trains else {}  # every rank trains
-            with Meter() as pred_m:
-                preds, pinfo = rung.predict() if main else (None, None)
-            trainable = rung.trainable_params()
-    finally:
-        try:
-            rung.close()
-        finally:
-            if parent:
-                ctx.pop_base()
+    with _closing(rung, ctx, parent), Meter() as total:
+        with Meter() as prep_m:
+            rung.prepare()  # prompts, shots, index build, teacher labels, format choice
+        with Meter() as fit_m:
+            fit_stats = rung.fit() if cls.trains else {}  # every rank trains
+        with Meter() as pred_m:
+            preds, pinfo = rung.predict() if main else (None, None)
+        trainable = rung.trainable_params()
     if not main:
         sft.barrier()  # rank 0 evaluates and writes this rung
         return

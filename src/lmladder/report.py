@@ -385,9 +385,9 @@ def table_rows(results: dict) -> list[dict]:
         row["prompt tok/call"] = f"{c.get('prompt_tokens_per_call', c.get('prompt_tokens_per_example', 0)):.0f}"
         row["peak RSS MB"] = "-" if not c.get("peak_rss_mb") else f"{c['peak_rss_mb']:.0f}"
         if c.get("total_usd") is not None:
-            from lmladder.verdict import _usd
+            from lmladder.verdict import fmt_usd
 
-            row[f"total USD @ {c.get('calls', 0):,} calls"] = _usd(c["total_usd"])
+            row[f"total USD @ {c.get('calls', 0):,} calls"] = fmt_usd(c["total_usd"])
         rows.append(row)
     details = [r.get("details") or {} for r in with_baseline(results)]
     if any("generated_tokens_per_example" in d for d in details):  # generative rungs: decode cost

@@ -229,7 +229,7 @@ def calls_of(r: dict) -> int | None:
     return (r.get("cost") or {}).get("calls")
 
 
-def _usd(x: float) -> str:
+def fmt_usd(x: float) -> str:
     if x == 0:
         return "$0"
     return f"${x:,.2f}" if x >= 1 else f"${x:.4f}" if x >= 0.0001 else f"${x:.2e}"
@@ -313,7 +313,7 @@ def decide(rows: list[dict], baseline: dict | None, unfinished: list[dict], metr
         reason = (f"{chosen['name']} is the cheapest rung {scope} that meets {metric} >= {target} ({rule_txt})"
                   + ("" if calls is None else f" at {calls:,} calls") + f": {_fmt(chosen)}")
         if calls is not None:
-            reason += f", total {_usd(chosen['cost']['total_usd'])}"
+            reason += f", total {fmt_usd(chosen['cost']['total_usd'])}"
         parts = []
         for c in cands:
             if c is chosen or _cost_key(c) >= _cost_key(chosen):
