@@ -131,8 +131,8 @@ def test_lmladder_run_under_torchrun_writes_one_set_of_outputs(tiny_dir, toy_dat
     assert r.returncode == 0, r.stdout[-4000:]
     files = sorted(str(p.relative_to(out2)) for p in out2.rglob("*") if p.is_file())
     assert files == sorted([
-        "config.yaml", "data.json", "run.json", "results.json", "report.md", "report.html", "plot.png", "cost.png",
-        "rungs/majority/result.json", "rungs/majority/predictions.jsonl",
+        ".lock", "config.yaml", "data.json", "run.json", "results.json", "report.md", "report.html", "plot.png",
+        "cost.png", "rungs/majority/result.json", "rungs/majority/predictions.jsonl",
         "rungs/zero-shot/result.json", "rungs/zero-shot/predictions.jsonl",
         "rungs/lora/result.json", "rungs/lora/predictions.jsonl",
         "rungs/lora/adapter/adapter_config.json", "rungs/lora/adapter/adapter_model.safetensors",

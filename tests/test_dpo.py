@@ -91,8 +91,8 @@ def test_collated_batch_masks_exactly_the_responses_and_end_of_turn(tiny, tmp_pa
     exs = read_examples(write_jsonl(tmp_path / "p.jsonl", rows), _cfg(), "train", "preference")
     eot = end_of_turn_id(fmt, eos_token_ids(tok, model), task.train_message(exs[0]), task.answer(exs[0]))
     assert eot == tok.convert_tokens_to_ids("<|im_end|>") == tok.eos_token_id
-    pairs, cut = pair_rows(task, fmt, exs, eot, 512, "truncate")
-    assert cut == 0
+    pairs, cut, cut_responses = pair_rows(task, fmt, exs, eot, 512, "truncate")
+    assert cut == cut_responses == 0
     pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     args = DPOConfig(output_dir=str(tmp_path / "t"), report_to="none", use_cpu=True, per_device_train_batch_size=2,
                      **dpo_args(DpoConfig()))
@@ -122,7 +122,7 @@ def test_collated_batch_masks_exactly_the_responses_and_end_of_turn(tiny, tmp_pa
     assert "forward" not in pm.get_base_model().__dict__
 
 
-def test_too_long_pairs_cut_the_prompt_from_the_left_or_stop(tiny, tmp_path):
+def test_too_long_pairs_cut_the_prompt_from_the_left_then_responses_from_the_end_or_stop(tiny, tmp_path):
     from lmladder.prompts import ChatFormat
     from lmladder.rungs.dpo import pair_rows
 
@@ -134,8 +134,8 @@ def test_too_long_pairs_cut_the_prompt_from_the_left_or_stop(tiny, tmp_path):
     exs = read_examples(p, _cfg(), "train", "preference")
     short, full = (len(fmt.encode(fmt.prompt(task.train_message(e)))) for e in exs)
     L = short + 20  # the short pair fits, the long one does not
-    pairs, cut = pair_rows(task, fmt, exs, 7, L, "truncate")
-    assert full + 10 > L and cut == 1
+    pairs, cut, cut_responses = pair_rows(task, fmt, exs, 7, L, "truncate")
+    assert full + 10 > L and cut == 1 and cut_responses == 0
     assert pairs[0]["prompt_ids"] == fmt.encode(fmt.prompt(task.train_message(exs[0])))
     assert len(pairs[1]["prompt_ids"]) + len(pairs[1]["chosen_ids"]) == L
     assert pairs[1]["prompt_ids"] == fmt.encode(fmt.prompt(task.train_message(exs[1])))[full + 10 - L:]
@@ -144,8 +144,13 @@ def test_too_long_pairs_cut_the_prompt_from_the_left_or_stop(tiny, tmp_path):
         pair_rows(task, fmt, exs, 7, L, "error")
     assert str(e.value).startswith(f"{p}:2: preference pair has {full + 10} tokens, more than dpo.max_length={L}")
     assert "\n" not in str(e.value)
-    with pytest.raises(LadderError, match=r":2: field 'chosen' alone has 10 tokens"):
-        pair_rows(task, fmt, exs[1:], 7, 10, "truncate")
+    # a response longer than the room beside half of max_length of prompt: cut from the end
+    # (its end-of-turn token with it), as TRL's max_completion_length; both keep their start
+    (row,), cut, cut_responses = pair_rows(task, fmt, exs[1:], 7, 10, "truncate")
+    assert cut == cut_responses == 1
+    assert row["prompt_ids"] == fmt.encode(fmt.prompt(task.train_message(exs[1])))[-5:]
+    assert row["chosen_ids"] == tok("fine ", add_special_tokens=False).input_ids  # 'fine then' + eot cut to 5
+    assert row["rejected_ids"] == tok("no", add_special_tokens=False).input_ids + [7]  # fits whole
 
 
 def _dpo_cli(tmp_path, out, *extra):

@@ -73,6 +73,27 @@ def test_three_rungs_on_the_embedded_model(tmp_path):
     # with 12 examples we only require that predictions are not all one label.
     preds = [json.loads(l)["pred"] for l in (out / "rungs/zero-shot/predictions.jsonl").read_text().splitlines()]
     assert len(set(preds)) == 2
+    # serve the demo's rungs as the task (POST /v1/predict): the same answers as the ladder's
+    from fastapi.testclient import TestClient
+
+    from lmladder import serve
+    from lmladder.models import load_causal_lm
+
+    spec = serve.resolve_target(str(out))
+    loaded = load_causal_lm(spec.base_spec)[:2]
+    for rung in ("few-shot", "lora"):
+        ladder_preds = [json.loads(l) for l in (out / f"rungs/{rung}/predictions.jsonl").read_text().splitlines()]
+        predictor, _ = serve.task_predictor(spec, rung)
+        app, engine = serve.build(spec, model_tok=loaded, predictor=predictor)
+        try:
+            r = TestClient(app).post("/v1/predict", json={"inputs": [{"text": p["input"]} for p in ladder_preds]})
+        finally:
+            engine.stop()
+        assert r.status_code == 200, r.text
+        got = r.json()["predictions"]
+        assert [g["pred"] for g in got] == [p["pred"] for p in ladder_preds]
+        for g, p in zip(got, ladder_preds):
+            assert g["scores"] == pytest.approx(p["scores"], abs=2e-3)
 
 
 def _lm_eval_style(model, tok, rows) -> list[int]:

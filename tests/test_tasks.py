@@ -306,6 +306,12 @@ def test_multiple_choice_through_a_remote_backend():
 
 
 def test_generation_metric_fn(tmp_path, monkeypatch):
+    from lmladder.data import Dataset
+
+    def task_of(kind, **cfg):  # a run's task: set up on its data, which imports the metric function
+        return make_task(TaskConfig(kind=kind, **cfg), [], EVAL, 0, Dataset([], [], {}))
+
+    assert make_task(TaskConfig(kind="generation", metric_fn="no_such_metrics_mod:score"), [], EVAL, 0).metric_fn is None
     with pytest.raises(LadderError, match=r"task.metric_fn: cannot import 'no_such_metrics_mod' \(ModuleNotFoundError"):
         task_of("generation", metric_fn="no_such_metrics_mod:score")
     with pytest.raises(LadderError, match=r"task.metric_fn: 'lmladder.metrics' has no function 'nope'"):

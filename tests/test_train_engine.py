@@ -103,8 +103,14 @@ def test_truncation_keeps_the_answer_and_counts():
     assert f.labels[0] == -100  # at least one prompt token stays
     with pytest.raises(LadderError, match=r"d.jsonl:4: training sequence has \d+ tokens"):
         sft.build_feature(fmt, "x" * 200, "positive", 60, "d.jsonl:4", {tok.eos_token_id}, truncation="error")
-    with pytest.raises(LadderError, match=r"d.jsonl:5: the answer alone has"):
-        sft.build_feature(fmt, "x", "positive" * 20, 60, "d.jsonl:5", {tok.eos_token_id}, truncation="truncate")
+    # an answer that cannot fit beside half of max_length of prompt is cut from the end,
+    # its end-of-turn token with it (TRL's max_completion_length), and counted
+    long = sft.build_feature(fmt, "x", "positive" * 20, 60, "d.jsonl:5", {tok.eos_token_id}, truncation="truncate")
+    n_prompt = len(fmt.encode(fmt.prompt("x")))
+    assert n_prompt > 30 and len(long.input_ids) == 60
+    assert long.labels[:30] == [-100] * 30  # the last half of max_length of the prompt
+    assert tok.decode(long.labels[30:]) == ("positive" * 20)[:30]
+    assert long.truncated == n_prompt - 30 + (160 + 1 - 30)
 
 
 def test_empty_answer_names_the_file_line():

@@ -40,6 +40,10 @@ Rerunning into the same --out skips rungs already finished with the same setting
 """
 
 
+TRUST_HELP = ("import Python code the run folder's config names (task.metric_fn, tools, teachers); "
+              "off by default: a run folder may come from anyone")
+
+
 def _set_keys_help() -> str:
     from lmladder.config import describe_fields
 
@@ -65,13 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     r.add_argument("config", nargs="?", help="YAML config (paths inside are relative to it)")
-    r.add_argument("--train", help="train file (JSONL, CSV, Parquet)")
-    r.add_argument("--test", help="test file; default: a seeded split of --train")
+    r.add_argument("--train", help="train data: a JSONL, CSV or Parquet file, a save_to_disk folder "
+                   "(FOLDER@SPLIT), or hf:NAME[:CONFIG][@SPLIT]")
+    r.add_argument("--test", help="test data (as --train); default: a seeded split of --train")
     r.add_argument("--task", metavar="KIND", help="task kind: classification (default), math, qa, extraction, "
                    "multiple-choice, generation, preference")
-    r.add_argument("--input-field", help="field with the model input (default: text)")
-    r.add_argument("--label-field", help="field with the label / answer (default: label)")
-    r.add_argument("--choices-field", help="multiple-choice: field with each example's list of choices")
+    r.add_argument("--input-field", help="field with the model input (default: text; preference: prompt; "
+                   "multiple-choice: question); or data.input_template for several fields")
+    r.add_argument("--label-field", help="field with the label / answer (default: label; multiple-choice: "
+                   "answerKey; preference: chosen)")
+    r.add_argument("--choices-field", help="multiple-choice: field with each example's list of choices "
+                   "(default: choices)")
     r.add_argument("--schema", metavar="FILE", help="extraction: JSON Schema file (or comma-separated field names)")
     r.add_argument("--metric-fn", metavar="MODULE:FUNC", help="generation: extra metric f(pred, gold) -> float")
     r.add_argument("--metric", help="primary metric (default per kind: accuracy, exact_match, f1, ...)")
@@ -90,11 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--calls", type=int, metavar="N", help="expected calls over the deployment (cost.calls; default 100000)")
     r.add_argument("--until-target", action="store_true",
                    help="stop at the first rung that meets the target (ladder.stop_at_target)")
+    r.add_argument("--report-to", metavar="BACKENDS",
+                   help="log each rung's training and the final results to tensorboard, mlflow and/or wandb "
+                   "(comma-separated; tracking.report_to; files under <out>/tracking)")
     r.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
 
     rep = sub.add_parser("report", help="rebuild results.json / report.md / report.html from a run folder")
     rep.add_argument("run_dir", help="run folder written by `lmladder run`")
     rep.add_argument("--calls", type=int, metavar="N", help="expected calls over the deployment (default: the run's cost.calls)")
+    rep.add_argument("--trust-run-code", action="store_true", help=TRUST_HELP)
 
     # export / serve own their flags (lmladder/export.py, lmladder/serve.py: add_arguments + main);
     # those modules import heavy libraries only inside main().
@@ -133,6 +145,7 @@ def _config_from_args(a) -> tuple:
         "out": a.out,
         "cost.calls": a.calls,
         "ladder.stop_at_target": True if a.until_target else None,
+        "tracking.report_to": a.report_to,
     }
     for key, value in flags.items():
         if value is None:
@@ -141,7 +154,8 @@ def _config_from_args(a) -> tuple:
         *parents, leaf = key.split(".")
         for k in parents:
             node = node.setdefault(k, {})
-        node[leaf] = os.path.abspath(value) if key in ("data.train", "data.test", "rag.corpus") else value
+        is_path = key in ("data.train", "data.test", "rag.corpus") and not str(value).startswith("hf:")
+        node[leaf] = os.path.abspath(value) if is_path else value
     if a.schema is not None:  # a file, or field names: --schema name,date,amount
         is_file = os.path.exists(a.schema) or a.schema.endswith(".json") or os.sep in a.schema
         raw.setdefault("task", {})["schema"] = (
@@ -165,33 +179,77 @@ def _config_from_args(a) -> tuple:
     return cfg
 
 
-def _summary(results: dict, out: Path) -> None:
+def _short(x: float, sign: bool = False) -> str:
+    """0.812 -> .812, -0.030 -> -.030, (sign) +0.043 -> +.043; |x| >= 1 as it is."""
+    t = f"{x:+.3f}" if sign else f"{x:.3f}"
+    if t.startswith("0."):
+        return t[1:]
+    return t[0] + t[2:] if t[:3] in ("-0.", "+0.") else t
+
+
+def _summary_table(results: dict, width: int):
+    """(table, legend): the summary table at most ``width`` columns wide, no cell wrapped:
+    score with its 95% interval, the paired difference vs the recommended rung (p),
+    one-time seconds, ms per call, total USD at the run's call volume; the last columns
+    give way first when the rung names are long (report.md has every column)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    con = Console()
-    metric = results["metric"]
+    from lmladder.report import with_baseline
+    from lmladder.verdict import fmt_usd
+
+    metric, rec = results["metric"], results["recommendation"]
+    ref = rec.get("rung") or rec.get("best")
+    rows = []
+    for r in with_baseline(results):
+        c, pr = r["cost"], r.get("paired")
+        mark = " *" if r["name"] == rec.get("rung") else " (base)" if r.get("baseline") else ""
+        vs = "" if r["name"] == ref or not pr else _short(pr["diff"], sign=True) + (
+            "" if pr.get("p") is None else " p<.001" if pr["p"] < 0.001 else f" p={_short(pr['p'])}")
+        per = c.get("per_call_s")
+        rows.append({
+            "rung": r["name"] + mark,
+            "score [95% CI]": f"{r['score']:.3f} [{_short(r['ci'][0])},{_short(r['ci'][1])}]",
+            "vs rec.": vs,
+            "1-time s": f"{c.get('one_time_s', c.get('train_seconds', 0)) or 0:.0f}",
+            "ms/call": "-" if not per else f"{1000 * per:.1f}",
+            "USD total": "" if c.get("total_usd") is None else fmt_usd(c["total_usd"]),
+        })
+    cols = list(rows[0]) if rows else []
+    if not any(r["USD total"] for r in rows):
+        cols.remove("USD total")
+    if not ref or not any(r["vs rec."] for r in rows):
+        cols.remove("vs rec.")
+    calls = next((r["cost"].get("calls") for r in results["rungs"] if r["cost"].get("calls")), None)
+    title = f"lmladder: {metric} on {results['data'].get('test_used')} test examples"
+    probe = Console(width=1000)
+    while True:
+        t = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+        for h in cols:
+            t.add_column(h, justify="left" if h == "rung" else "right", no_wrap=True)
+        for r in rows:
+            t.add_row(*(r[h] for h in cols))
+        if probe.measure(t).maximum <= width or len(cols) <= 2:
+            legend = ["* recommended"] + (["vs rec.: paired difference"] if "vs rec." in cols else []) + (
+                [f"USD at {calls:,} calls"] if calls and "USD total" in cols else [])
+            return t, "; ".join(legend)
+        # drop the least needed column first; the full table is in report.md
+        for h in ("ms/call", "1-time s", "vs rec.", "USD total"):
+            if h in cols:
+                cols.remove(h)
+                break
+
+
+def _summary(results: dict, out: Path, console=None) -> None:
+    from rich.console import Console
+
+    con = console or Console()
     rec = results["recommendation"]
     if results["rungs"]:
-        t = Table(title=f"lmladder: {metric} on {results['data'].get('test_used')} test examples")
-        for h in ("rung", f"{metric} [95% CI]", "paired vs rec.", "trainable", "one-time s", "per call ms", "tok/call"):
-            t.add_column(h, justify="left" if h == "rung" else "right")
-        from lmladder.report import with_baseline
-
-        for r in with_baseline(results):
-            c = r["cost"]
-            mark = " *" if r["name"] == rec.get("rung") else " (baseline)" if r.get("baseline") else ""
-            pr = r.get("paired")
-            t.add_row(
-                r["name"] + mark,
-                f"{r['score']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]",
-                "" if not pr else f"{pr['diff']:+.3f} [{pr['ci'][0]:+.3f}, {pr['ci'][1]:+.3f}]",
-                f"{c['trainable_params']:,}",
-                f"{c.get('one_time_s', c.get('train_seconds', 0)):.0f}",
-                f"{1000 * (c.get('per_call_s') or 0):.1f}",
-                f"{c.get('prompt_tokens_per_call', c.get('prompt_tokens_per_example', 0)):.0f}",
-            )
-        con.print(t)
+        table, legend = _summary_table(results, min(con.width, 80))
+        con.print(table)
+        con.print(legend, style="dim", highlight=False)
     con.print(f"[bold]Recommendation:[/bold] {rec.get('rung')} — {rec['reason']}")
     con.print(f"Report: {out / 'report.html'}  (also report.md, results.json)")
 
@@ -202,7 +260,7 @@ def _setup_logging(quiet: bool) -> None:
         format="lmladder: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("transformers", "peft", "accelerate", "httpx", "urllib3", "matplotlib"):
+    for noisy in ("transformers", "peft", "accelerate", "httpx", "urllib3", "matplotlib", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
@@ -221,6 +279,10 @@ def cmd_run(a) -> int:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        from lmladder import progress
+
+        if not progress.on_terminal():  # its load / save bars would print raw \r frames in a log
+            transformers.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
     results = ladder.run(cfg, out, force=a.force)
@@ -243,17 +305,27 @@ def cmd_report(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lmladder.engine import bnb
+
+    bnb.defer()  # the command owns the process: bitsandbytes only for a rung that quantises (engine/bnb.py)
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.command is None:
         parser.print_help()
         return 2
     try:
-        if a.command in ("export", "serve"):
-            import importlib
+        if a.command == "run":
+            return cmd_run(a)
+        from lmladder import plugins
 
-            return importlib.import_module(f"lmladder.{a.command}").main(a)
-        return {"run": cmd_run, "report": cmd_report}[a.command](a)
+        # export / report / serve read a run folder that may be anyone's: no imports of the
+        # code its config names unless --trust-run-code
+        with plugins.untrusted(getattr(a, "trust_run_code", False)):
+            if a.command in ("export", "serve"):
+                import importlib
+
+                return importlib.import_module(f"lmladder.{a.command}").main(a)
+            return cmd_report(a)
     except LadderError as e:
         print(f"lmladder: error: {e}", file=sys.stderr)
         return e.exit_code

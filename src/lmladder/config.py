@@ -9,13 +9,15 @@ configuration is visible in one place and validated before any model work.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmladder.errors import LadderError
+from lmladder.textfiles import DEFAULT_MAX_LINE_BYTES
 
 
 class _Config(BaseModel):
@@ -26,14 +28,38 @@ class _Config(BaseModel):
 
 
 class DataConfig(_Config):
-    train: str | None = Field(None, description="Train file: JSONL, CSV or Parquet.")
-    test: str | None = Field(
-        None, description="Test file. When absent, a seeded split of `train` (see test_fraction)."
+    train: str | None = Field(
+        None,
+        description="Train data: a JSONL, CSV or Parquet file; a folder written by datasets' save_to_disk "
+        "(FOLDER@SPLIT picks a DatasetDict's split; default: the 'train' split); or a Hugging Face "
+        "dataset, hf:NAME[:CONFIG][@SPLIT] (default split: train).",
     )
-    input_field: str = Field("text", description="Field holding the model input.")
-    label_field: str = Field("label", description="Field holding the gold label / answer.")
+    test: str | None = Field(
+        None,
+        description="Test data (a file, a saved dataset folder or hf:NAME[:CONFIG][@SPLIT]; default "
+        "split: test). When absent, a seeded split of `train` (see test_fraction).",
+    )
+    input_field: str | None = Field(
+        None,
+        description="Field holding the model input. Default by task.kind: prompt (preference), question "
+        "(multiple-choice), text (every other kind). Not used when data.input_template is set.",
+    )
+    input_template: str | None = Field(
+        None,
+        description="The model input made from several fields, e.g. 'Passage: {passage}\\nQuestion: "
+        "{question}': {field} placeholders, dotted paths into nested fields ({meta.title}, {answers.0}), "
+        "literal braces as {{ }}. Replaces data.input_field; a field missing from a row is an error "
+        "naming file:line.",
+    )
+    label_field: str | None = Field(
+        None,
+        description="Field holding the gold label / answer. Default by task.kind: answerKey "
+        "(multiple-choice), data.chosen_field (preference), label (every other kind).",
+    )
     choices_field: str | None = Field(
-        None, description="multiple-choice: field holding each example's list of choices."
+        None,
+        description="multiple-choice: field holding each example's list of choices. Default for "
+        "multiple-choice: choices.",
     )
     choice_labels_field: str | None = Field(
         None,
@@ -72,6 +98,94 @@ class DataConfig(_Config):
     limit_test: int | None = Field(
         None, ge=1, description="Use a seeded sample of at most N test examples."
     )
+    max_line_bytes: int = Field(
+        DEFAULT_MAX_LINE_BYTES, ge=1024,
+        description="Longest line of a data file (JSONL / CSV; a CSV field; a Parquet / dataset text value) "
+        "in bytes; a longer one is an error naming file:line (lines are never read whole past this).",
+    )
+    max_input_tokens: int | None = Field(
+        None, ge=1,
+        description="Longest input in tokens; default: what fits the model's context after the prompt "
+        "template and the answer (checked on every train and test input before any model work).",
+    )
+    truncation: Literal["truncate", "error"] = Field(
+        "truncate",
+        description="An input longer than max_input_tokens: 'truncate' keeps its first max_input_tokens "
+        "tokens (counted in data.json and the report) or 'error' stops before any model work, naming "
+        "file:line.",
+    )
+
+    @field_validator("input_template")
+    @classmethod
+    def _template_valid(cls, v):
+        if v is not None:
+            parse_template(v)
+        return v
+
+    @model_validator(mode="after")
+    def _input_one_way(self):
+        if self.input_template is not None and self.input_field is not None:
+            raise ValueError("give data.input_template or data.input_field, not both (the template replaces the field)")
+        return self
+
+    def for_kind(self, kind: str) -> "DataConfig":
+        """This config with the unset field names filled with the task kind's defaults
+        (:data:`FIELD_DEFAULTS`; explicit settings win). Idempotent."""
+        fill = {k: v for k, v in field_defaults(kind, self).items() if getattr(self, k) is None}
+        if self.input_template is not None:
+            fill.pop("input_field", None)
+        return self.model_copy(update=fill) if fill else self
+
+
+# The ecosystem's field names per task kind: TRL's preference columns (prompt / chosen /
+# rejected; the gold is the chosen response), the Hugging Face multiple-choice shape of ARC /
+# OpenBookQA / CommonsenseQA; every other kind: text / label.
+FIELD_DEFAULTS: dict[str, dict[str, str]] = {
+    "preference": {"input_field": "prompt", "label_field": "chosen"},
+    "multiple-choice": {"input_field": "question", "label_field": "answerKey", "choices_field": "choices"},
+}
+
+
+def field_defaults(kind: str, data: DataConfig | None = None) -> dict[str, str]:
+    """Default input / label / choices field names of a task kind (preference: the label is
+    data.chosen_field, whatever it is named)."""
+    out = dict(FIELD_DEFAULTS.get(kind, {"input_field": "text", "label_field": "label"}))
+    if kind == "preference" and data is not None:
+        out["label_field"] = data.chosen_field
+    return out
+
+
+def parse_template(template: str) -> list[tuple[str, tuple[str, ...] | None]]:
+    """``data.input_template`` as [(literal text, field path or None)]; ValueError for what is
+    not a plain {field} / {dotted.path} placeholder."""
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"not a valid template ({e}); write literal braces as {{{{ }}}}") from None
+    out: list[tuple[str, tuple[str, ...] | None]] = []
+    for literal, name, spec, conv in parsed:
+        if name is None:
+            out.append((literal, None))
+            continue
+        shown = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+        if conv or spec:
+            raise ValueError(f"placeholder {shown}: conversions and format specs are not supported; use {{{name}}}")
+        if not name.strip():
+            raise ValueError("empty placeholder {}: name a field, e.g. {question}")
+        if "[" in name or "]" in name:
+            raise ValueError(f"placeholder {shown}: use dots for nested fields and list items, e.g. {{answers.0}}")
+        if name.isdigit():
+            raise ValueError(f"placeholder {shown}: name a field, e.g. {{question}}, not a position")
+        parts = tuple(name.split("."))
+        if any(not p for p in parts):
+            raise ValueError(f"placeholder {shown}: empty part in the dotted path")
+        out.append((literal, parts))
+    if not any(p for _, p in out):
+        raise ValueError("the template has no {field} placeholder")
+    return out
+
 
 
 TASK_KINDS = ("classification", "math", "qa", "extraction", "multiple-choice", "generation", "tagging", "preference")
@@ -153,6 +267,12 @@ class EvalConfig(_Config):
         64, ge=1, description="Longest direct answer generated (reasoning rungs have their own)."
     )
     bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for the 95% CIs.")
+    max_batch_tokens: int = Field(
+        8192, ge=64,
+        description="Most padded tokens in one scoring / generation batch (rows x longest row, past the "
+        "prompts' shared prefix; new tokens included): long inputs run in smaller batches, so memory stays "
+        "bounded by this budget, not by the longest input times the batch size.",
+    )
 
 
 # what an hour of the machine costs when cost.usd_per_hour is not given, by the device the
@@ -197,6 +317,40 @@ class DecisionConfig(_Config):
         description="When a rung meets the target: point (its score >= target) or lower-bound "
         "(its 95% interval's lower bound >= target).",
     )
+
+
+class TrackingConfig(_Config):
+    """Experiment tracking through transformers' integrations (src/lmladder/tracking.py).
+    Not part of any rung's fingerprint: changing it reruns nothing."""
+
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="Backends that log each rung's training (a run per rung) and the final scores, costs and "
+        "verdict: tensorboard, mlflow, wandb (a list, or comma-separated: --report-to tensorboard,mlflow).",
+    )
+    dir: str | None = Field(
+        None,
+        description="Folder for local tracking files (default <out>/tracking): tensorboard/<rung>/, the MLflow "
+        "file store mlruns/ (unless MLFLOW_TRACKING_URI is set), wandb/ (unless WANDB_DIR is set).",
+    )
+    experiment: str | None = Field(
+        None,
+        description="MLflow experiment / W&B group of the run's tracked runs (default: the run folder's name; "
+        "MLFLOW_EXPERIMENT_NAME / WANDB_RUN_GROUP win).",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _split(cls, v):
+        if v is None:
+            return []
+        if isinstance(v, str):
+            v = v.split(",")
+        if isinstance(v, (list, tuple)):
+            v = [str(x).strip().lower() for x in v if str(x).strip()]
+            v = [x for x in v if x != "none"]
+            return list(dict.fromkeys(v))
+        return v
 
 
 # --------------------------------------------------------------------------- rungs
@@ -717,6 +871,7 @@ class RunConfig(_Config):
     decision: DecisionConfig = Field(default_factory=DecisionConfig)
     cost: CostConfig = Field(default_factory=CostConfig)
     ladder: LadderConfig = Field(default_factory=LadderConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     zero_shot: ZeroShotConfig = Field(default_factory=ZeroShotConfig, alias="zero-shot")
     calibrated: CalibratedConfig = Field(default_factory=CalibratedConfig)
     few_shot: FewShotConfig = Field(default_factory=FewShotConfig, alias="few-shot")
@@ -765,6 +920,16 @@ class RunConfig(_Config):
             _copy_config(info.data[section], over, name)
         return v
 
+    @model_validator(mode="after")
+    def _resolve_data_fields(self):
+        """Fill data's unset field names from task.kind (data.input_field: prompt for preference,
+        ...), here once, so every reader, the config snapshot and the fingerprint see the
+        names actually used."""
+        resolved = self.data.for_kind(self.task.kind)
+        if resolved is not self.data:
+            object.__setattr__(self, "data", resolved)  # not self.data = ...: that revalidates
+        return self
+
     def rung_config(self, name: str) -> _Config:
         base, _, _ = name.partition("@")
         cfg = getattr(self, base.replace("-", "_"))
@@ -798,7 +963,7 @@ def _copy_config(cfg: _Config, over: Any, name: str) -> _Config:
 
 _PATH_KEYS = (
     ("data", "train"), ("data", "test"), ("rag", "corpus"), ("task", "schema"),
-    ("continued-pretraining", "corpus"),
+    ("continued-pretraining", "corpus"), ("tracking", "dir"),
 )
 
 
@@ -826,27 +991,105 @@ def _submodel(model: type[BaseModel], key: str):
     return None
 
 
-def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map each key path in a YAML document to its 1-based line number."""
+def _yaml_lines(root) -> dict[tuple[str, ...], int]:
+    """Map each key path in a composed YAML document (its root node; aliases already bounded
+    by :func:`_check_yaml_size`) to its 1-based line number."""
     lines: dict[tuple[str, ...], int] = {}
-
-    def walk(node, path):
+    stack = [(root, ())] if root is not None else []
+    while stack:  # document order (children pushed reversed): a repeated key's last line wins
+        node, path = stack.pop()
         if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                p = path + (str(k.value),)
-                lines[p] = k.start_mark.line + 1
-                walk(v, p)
+            items = [(path + (str(k.value),), k, v) for k, v in node.value]
         elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                p = path + (str(i),)
-                lines[p] = v.start_mark.line + 1
-                walk(v, p)
-
-    try:
-        walk(yaml.compose(text), ())
-    except yaml.YAMLError:
-        pass
+            items = [(path + (str(n),), v, v) for n, v in enumerate(node.value)]
+        else:
+            continue
+        for p, mark_node, _ in items:
+            lines[p] = mark_node.start_mark.line + 1
+        stack.extend((v, p) for p, _, v in reversed(items))
     return lines
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a YAML "\ud800" escape makes one
+MAX_CONFIG_BYTES = 16 << 20  # a config file (inline schemas included) is far smaller
+MAX_YAML_VALUES = 100_000  # values in the document once its aliases are expanded
+MAX_YAML_CHARS = 64 << 20  # characters of scalars once expanded
+
+
+def _check_yaml_size(root, path) -> None:
+    """Refuse what aliases would blow up (billion laughs: a few hundred bytes expanding to
+    billions of values) or make endless (an alias inside its own anchor). Counts each node
+    once (iteratively; a shared node's expanded size is memoised)."""
+    size: dict[int, tuple[int, int]] = {}
+    state: dict[int, int] = {}  # 1 = on the current path, 2 = done
+
+    def kids(node):
+        if isinstance(node, yaml.MappingNode):
+            return [x for kv in node.value for x in kv]
+        if isinstance(node, yaml.SequenceNode):
+            return list(node.value)
+        return []
+
+    stack = [(root, False)]
+    while stack:
+        node, post = stack.pop()
+        key = id(node)
+        if post:
+            ch = kids(node)
+            n = 1 + sum(size[id(c)][0] for c in ch)
+            chars = (len(node.value) if isinstance(node, yaml.ScalarNode) else 0) + sum(size[id(c)][1] for c in ch)
+            if n > MAX_YAML_VALUES or chars > MAX_YAML_CHARS:
+                what = f"{MAX_YAML_VALUES:,} values" if n > MAX_YAML_VALUES else f"{MAX_YAML_CHARS:,} characters"
+                raise LadderError(
+                    f"{path}:{node.start_mark.line + 1}: YAML aliases (*name) expand to over {what} "
+                    "(an alias bomb?); write the values out instead of aliasing them"
+                )
+            bad = _LONE_SURROGATE.search(node.value) if isinstance(node, yaml.ScalarNode) else None
+            if bad:
+                raise LadderError(
+                    f"{path}:{node.start_mark.line + 1}: a lone surrogate escape ('\\u{ord(bad.group()):04x}') is not "
+                    "valid Unicode text; fix the escape (a character beyond \\uffff is written \\U0001f600)"
+                )
+            size[key], state[key] = (n, chars), 2
+            continue
+        if state.get(key) == 2:
+            continue
+        state[key] = 1
+        stack.append((node, True))
+        for c in kids(node):
+            if state.get(id(c)) == 1:
+                raise LadderError(
+                    f"{path}:{c.start_mark.line + 1}: a YAML alias refers to its own anchor (a value containing "
+                    "itself); write the value out"
+                )
+            if state.get(id(c)) != 2:
+                stack.append((c, False))
+
+
+def _load_yaml(path: Path, text: str):
+    """(data, root node) of a YAML document, its aliases checked before anything expands them."""
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)  # checks every character first (ReaderError)
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        _check_yaml_size(node, path)
+        return loader.construct_document(node), node
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            line, why = f":{mark.line + 1}", e.problem
+        elif isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow
+            line, why = f":{text.count(chr(10), 0, e.position) + 1}", f"unacceptable character #x{e.character:04x}"
+        else:
+            line, why = "", str(e)
+        raise LadderError(f"{path}{line}: invalid YAML ({' '.join(str(why).split())})") from None
+    except RecursionError:
+        raise LadderError(f"{path}: invalid YAML (nested too deeply)") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 def _canonical(raw: dict, model: type[BaseModel], path: str, origin: str) -> dict:
@@ -863,25 +1106,56 @@ def _canonical(raw: dict, model: type[BaseModel], path: str, origin: str) -> dic
     return out
 
 
+def _check_sections(raw: dict, yaml_lines: dict, path: Path) -> None:
+    """Every config section (data, task, lora, ...) is a mapping; an empty one (``data:``) is {}."""
+    for key in list(raw):
+        sub = _submodel(RunConfig, key)
+        if sub is None:
+            continue
+        v = raw[key]
+        if v is None:
+            raw[key] = {}
+        elif not isinstance(v, dict):
+            line = next((n for p, n in yaml_lines.items() if len(p) == 1 and _field_names(RunConfig).get(p[0]) == key), None)
+            known = list(dict.fromkeys(_field_names(sub).values()))  # in the section's own order
+            shown = ", ".join(known[:4]) + (", ..." if len(known) > 4 else "")
+            raise LadderError(
+                f"{path}{f':{line}' if line else ''}: {key}: must be a mapping of keys ({shown}), "
+                f"got {'a list' if isinstance(v, list) else type(v).__name__ + ' ' + repr(v)[:40]}"
+            )
+
+
 def read_yaml(path: str | Path) -> dict:
+    """A YAML config as a raw dict for :func:`build`: read defensively (a regular UTF-8 file of
+    bounded size, aliases bounded, every section a mapping), keys canonical, paths made
+    relative to the file, and each key's line kept for error messages."""
+    from lmladder.textfiles import check_regular, decode_text, human_bytes, open_binary
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise LadderError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise LadderError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    st = check_regular(path, "config file")
+    if path.is_dir():
+        raise LadderError(f"{path}: the config file is a folder; give a YAML file")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise LadderError(f"{path}: the config file is {human_bytes(st.st_size)}; a config is at most "
+                          f"{human_bytes(MAX_CONFIG_BYTES)} (put big data in files it names)")
+    with open_binary(path) as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    text = decode_text(data, path)
+    raw, root = _load_yaml(path, text)
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
         raise LadderError(f"{path}:1: the config must be a mapping of keys (task, data, model, ...)")
+    yaml_lines = _yaml_lines(root)
     raw = _canonical(raw, RunConfig, "", str(path))
+    _check_sections(raw, yaml_lines, path)
     # Paths in a YAML file are relative to that file, so a config runs from any folder.
     base = path.resolve().parent
     for section, key in _PATH_KEYS:
         sec = raw.get(section)
-        if isinstance(sec, dict) and isinstance(sec.get(key), str):
+        if isinstance(sec, dict) and isinstance(sec.get(key), str) and not sec[key].startswith("hf:"):
             p = Path(sec[key]).expanduser()
             sec[key] = str(p if p.is_absolute() else (base / p))
     if isinstance(raw.get("out"), str):  # the run folder too (examples: out: ../runs/<name>)
@@ -892,7 +1166,7 @@ def read_yaml(path: str | Path) -> dict:
         p = Path(bon["verifier"][13:].strip()).expanduser()
         bon["verifier"] = "reward-model:" + str(p if p.is_absolute() else (base / p))
     lines = {}
-    for p, line in _yaml_lines(text).items():
+    for p, line in yaml_lines.items():
         canon, model = [], RunConfig
         for seg in p:
             names = _field_names(model) if model else {}

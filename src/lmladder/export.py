@@ -80,6 +80,9 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="f32",
                    help="weights of merged / gguf exports (default f32); norms stay f32 in GGUF")
     p.add_argument("--no-verify", action="store_true", help="skip the reload + logit comparison")
+    p.add_argument("--trust-run-code", action="store_true",
+                   help="import Python code the run folder's config names (off by default: a run folder may "
+                   "come from anyone; export needs none of it)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="max abs logit difference allowed (default: 1e-3 for f32; for f16, "
                    "2%% of the source's max abs logit)")
@@ -93,7 +96,7 @@ def load_run(run_dir: str | Path) -> RunFolder:
     from lmladder.ladder import read_run
 
     run = read_run(run_dir)
-    if not run.labels:
+    if not run.labels and run.cfg.task.kind == "classification":
         raise LadderError(f"{run.dir / 'data.json'}: missing or has no 'labels'; rerun `lmladder run` into {run.dir}")
     return run
 
@@ -599,7 +602,8 @@ def main(a) -> int:
         check_gguf_supported(model.config)
         tmeta = tokenizer_metadata(tok, model.config, ref.gguf)
     fmt = ChatFormat(tok, run.cfg.task.system_prompt)
-    texts = [fmt.prompt(m) + fmt.answer_prefix() + run.labels[0] for m in _verify_messages(run, a.rung, spec)]
+    answer = run.labels[0] if run.labels else "The answer is"  # a label, or any continuation
+    texts = [fmt.prompt(m) + fmt.answer_prefix() + answer for m in _verify_messages(run, a.rung, spec)]
     src_ids = [fmt.encode(t) for t in texts]
 
     source = model

@@ -39,16 +39,6 @@ from lmladder.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 log = logging.getLogger(__name__)
 
 
-def _file_digest(path: str | None) -> str | None:
-    if not path or not Path(path).is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def rung_class(name: str):
     """The rung class behind a rung name (``lora@cpt``, a named copy, is a ``lora``)."""
     from lmladder import rungs as rung_mod
@@ -106,6 +96,11 @@ def _check_stacking(cfg: RunConfig) -> None:
             p = parent_of(cfg, p)
 
 
+# data keys a result does not depend on: the files are fingerprinted by content (digests),
+# and a line-length cap either lets the data in unchanged or stops the run
+DATA_NOT_FINGERPRINTED = {"train", "test", "max_line_bytes"}
+
+
 class Context:
     """What rungs share: config, data, task, and the base model (loaded once, lazily)."""
 
@@ -113,9 +108,9 @@ class Context:
         self.cfg, self.data, self.task, self.run_dir = cfg, dataset, task, run_dir
         self._model = self._tok = self._fmt = None
         self.model_info: dict[str, Any] = {}
-        self._digests = {
-            "train": _file_digest(cfg.data.train),
-            "test": _file_digest(cfg.data.test),
+        self._digests = {  # a file's sha256; a saved dataset's files; an hf: dataset's fingerprint
+            "train": data_mod.digest(cfg.data.train, "train"),
+            "test": data_mod.digest(cfg.data.test, "test"),
         }
 
     def base(self):
@@ -209,7 +204,7 @@ class Context:
         payload = {
             "model": cfg.model,
             "task": cfg.task.model_dump(mode="json"),
-            "data": cfg.data.model_dump(mode="json", exclude={"train", "test"}),
+            "data": cfg.data.model_dump(mode="json", exclude=DATA_NOT_FINGERPRINTED),
             "digests": self._digests,
             "seed": cfg.seed,
             "rung": rung,
@@ -243,7 +238,7 @@ class Context:
         """What the majority baseline depends on: the task and the data (no model)."""
         cfg = self.cfg
         payload = {"task": cfg.task.model_dump(mode="json"), "digests": self._digests, "seed": cfg.seed,
-                   "data": cfg.data.model_dump(mode="json", exclude={"train", "test"}), "baseline": "majority"}
+                   "data": cfg.data.model_dump(mode="json", exclude=DATA_NOT_FINGERPRINTED), "baseline": "majority"}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -506,7 +501,11 @@ def _record_failure(rdir: Path, fp: str, err: BaseException) -> None:
 
 
 def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
-    from lmladder import report
+    """Validate everything (nothing is written before that passes), then climb. The run
+    folder is locked against a second run into it; temp files a killed run left are swept;
+    results.json and the report are rebuilt from what is on disk at the end of every
+    attempt, a failed or interrupted one included."""
+    from lmladder import report, tracking
     from lmladder.cost import Meter
     from lmladder.engine import sft
     from lmladder.tasks import make_task
@@ -515,48 +514,161 @@ def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
     main = sft.is_main()
     if not main:  # one voice: the other ranks log warnings only
         logging.getLogger("lmladder").setLevel(logging.WARNING)
+    if main:
+        check_out_dir(out_dir)
+    tracking.start(cfg, out_dir)  # --report-to: a missing backend package stops here (exit 2)
     dataset = validate(cfg)  # before anything is written (every rank validates)
     if distributed:
         _materialise_once(cfg.model)
     task = make_task(cfg.task, dataset.info["labels"], cfg.eval, cfg.seed, dataset)  # + gold/schema checks
+    check_lengths(cfg, dataset, task)  # every input against the model's context (tokenizer only)
     from lmladder.engine import judge as judge_mod
 
     if judge_mod.enabled(cfg):  # preference: rungs also generate responses for the win rate
         task.judge_cfg = cfg.judge
     ctx = Context(cfg, dataset, task, out_dir)
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.yaml", config_mod.dump(cfg))
-        atomic_write_json(out_dir / "data.json", dataset.info)
-        # what report.collect checks every result.json against (stale results stay out)
-        atomic_write_json(out_dir / "run.json", {
-            "fingerprints": expected_fingerprints(ctx), "baseline_fingerprint": ctx.fingerprint_baseline(),
-            "n_test": len(dataset.test), "order": run_order(cfg),
-        })
-        _write_baseline(ctx, out_dir)
-
-    order = run_order(cfg)
-    for i, name in enumerate(order):
+    lock = None
+    if main:  # the first write
         try:
-            _run_rung(ctx, name, force, main, distributed, Meter)
-        except BaseException as e:
-            if main:
-                _record_failure(out_dir / "rungs" / name, ctx.fingerprint(name), e)
-                try:  # the report of what did finish, with this rung listed as failed
-                    report.build(out_dir)
-                except Exception:  # noqa: BLE001 - the rung's own error is the one to show
-                    log.debug("report after a failed rung", exc_info=True)
-            raise
-        if cfg.ladder.stop_at_target and i + 1 < len(order):
-            met = sft.broadcast(_met_target(ctx, name) if main else None)
-            if met:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LadderError(f"--out {out_dir}: cannot create the run folder ({e.strerror})") from None
+        lock = lock_run_folder(out_dir)
+    try:
+        if main:
+            sweep_temp_files(out_dir)
+            atomic_write_text(out_dir / "config.yaml", config_mod.dump(cfg))
+            atomic_write_json(out_dir / "data.json", dataset.info)
+            # what report.collect checks every result.json against (stale results stay out)
+            atomic_write_json(out_dir / "run.json", {
+                "fingerprints": expected_fingerprints(ctx), "baseline_fingerprint": ctx.fingerprint_baseline(),
+                "n_test": len(dataset.test), "order": run_order(cfg),
+            })
+            _write_baseline(ctx, out_dir)
+            # results.json now describes this attempt (results of another config are listed as
+            # stale), so a kill at any later point leaves it true to run.json
+            report.build(out_dir)
+        order = run_order(cfg)
+        for i, name in enumerate(order):
+            try:
+                _run_rung(ctx, name, force, main, distributed, Meter)
+            except BaseException as e:
                 if main:
-                    _record_skipped(out_dir, order[i + 1:], name, met)
-                break
-    results = report.build(out_dir) if main else None
+                    _record_failure(out_dir / "rungs" / name, ctx.fingerprint(name), e)
+                raise
+            if main and i + 1 < len(order):
+                report.build(out_dir)  # the report follows the climb
+            if cfg.ladder.stop_at_target and i + 1 < len(order):
+                met = sft.broadcast(_met_target(ctx, name) if main else None)
+                if met:
+                    if main:
+                        _record_skipped(out_dir, order[i + 1:], name, met)
+                    break
+        results = report.build(out_dir) if main else None
+        tracking.log_results(cfg, out_dir, results)  # never raises; nothing off rank 0 (results None)
+    except BaseException:
+        if main:
+            try:  # the report of what is on disk, with the failed rung listed as failed
+                report.build(out_dir)
+            except Exception:  # noqa: BLE001 - the run's own error is the one to show
+                log.debug("report after a failed attempt", exc_info=True)
+        raise
+    finally:
+        if lock is not None:
+            lock.close()
     results = sft.broadcast(results)
     sft.shutdown_distributed()
     return results
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """The run folder can be written: it is a folder (or can be made one) in a writable
+    place. Checked before anything is written; nothing is created here (a probe file in
+    the nearest existing folder is made and removed)."""
+    import tempfile
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LadderError(f"--out {out_dir}: is a file, not a folder; give a folder for the run")
+    probe_in = out_dir
+    while not probe_in.exists():
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise LadderError(f"--out {out_dir}: {probe_in} is a file, so no folder can be made under it")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".lmladder-probe.", suffix=".tmp", dir=probe_in)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        what = "the run folder" if probe_in == out_dir else f"{probe_in} (where it would be made)"
+        raise LadderError(f"--out {out_dir}: cannot write in {what} ({e.strerror})") from None
+
+
+class _Lock:
+    def __init__(self, f):
+        self.f = f
+
+    def close(self) -> None:
+        try:
+            self.f.close()  # closing the file releases the lock
+        except OSError:
+            pass
+
+
+def lock_run_folder(out_dir: Path) -> _Lock:
+    """An exclusive lock on ``out_dir/.lock`` for this run (released when the process
+    ends, killed or not): a second run into the same folder stops at once instead of
+    racing this one for the same files."""
+    import fcntl
+
+    f = open(out_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise LadderError(f"--out {out_dir}: another lmladder run is using this folder; wait for it or "
+                          "give another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return _Lock(f)
+
+
+def sweep_temp_files(out_dir: Path) -> int:
+    """Remove what a killed run left half-written: ``.name.*.tmp`` files and folders
+    (io.atomic_write_*, io.atomic_dir) and ``.name.old`` folders a replace did not finish.
+    A finished file is never touched (its replacement was never renamed over it)."""
+    import shutil
+
+    n = 0
+    for p in sorted(Path(out_dir).rglob(".*"), key=lambda p: -len(p.parts)):
+        if not (p.name.endswith(".tmp") or p.name.endswith(".old")) or not p.exists():
+            continue
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            n += 1
+        except OSError:
+            pass
+    if n:
+        log.info("removed %d temp file(s) left by an interrupted run", n)
+    return n
+
+
+def check_lengths(cfg: RunConfig, dataset, task) -> None:
+    """Every input against the model's context (lengths.py), before any model work: too
+    long is cut (counted in data.json) or an error, as data.truncation says."""
+    from lmladder import lengths
+
+    if not any(rung_class(r).uses_base for r in cfg.rungs):
+        return
+    tok, context = lengths.load_tokenizer_and_context(cfg.model)
+    info = lengths.check_inputs(cfg, dataset, task, tok, context)
+    if info is not None:
+        dataset.info["lengths"] = info
 
 
 def curve_subset(train: list, fraction: float, seed: int) -> list:
@@ -638,12 +750,20 @@ def _learning_curve(ctx: "Context", name: str, cls, parent, rdir: Path, golds, f
 @contextlib.contextmanager
 def _closing(rung, ctx: "Context", parent: str | None, restore=None):
     """Run a rung's steps, then always close it and hand the shared base back: pop the
-    ``from:`` parent's model, else call ``restore``."""
+    ``from:`` parent's model, else call ``restore``. When a step failed, that failure is
+    the one the user sees: an error in close() is then logged, not raised over it."""
+    failed = True
     try:
         yield rung
+        failed = False
     finally:
         try:
             rung.close()
+        except Exception:
+            if not failed:
+                raise
+            log.warning("%s: cleaning up after the failure also failed", getattr(rung, "name", "rung"),
+                        exc_info=log.isEnabledFor(logging.DEBUG))
         finally:
             if parent:
                 ctx.pop_base()

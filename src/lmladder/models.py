@@ -158,12 +158,33 @@ def _probe(endpoint: str, timeout: float) -> bool:
         return False
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_safetensors(folder: Path, what: str) -> None:
+    """A local model folder must hold safetensors weights: pickle-only weights (.bin,
+    .pt, ...) can run code when loaded, so lmladder never loads them."""
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise LadderError(
+            f"{what}: {folder} holds only pickle weights ({', '.join(pickles[:3])}); lmladder loads safetensors "
+            "only (pickle files can run code). Convert them once, e.g. load with transformers in a trusted "
+            "session and save_pretrained(..., safe_serialization=True)"
+        )
+    raise LadderError(f"{what}: {folder} has no weights (*.safetensors)")
+
+
 def check_available(ref: ModelRef) -> bool:
     """Fail fast (before any work) if a hub model cannot be had; return local_files_only."""
     if ref.kind == "openai":
         from lmladder.engine import openai_backend
 
         openai_backend.base_url()  # raises when OPENAI_BASE_URL is missing or malformed
+        return True
+    if ref.kind == "folder":
+        check_safetensors(Path(ref.path), f"model '{ref.spec}'")
         return True
     if ref.kind != "hub":
         return True

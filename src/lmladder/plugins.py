@@ -1,9 +1,15 @@
 """User code named in a config as ``module:function`` or ``path/file.py:function`` (metric
-functions, GRPO rewards, distillation teachers): imported with one-line errors, and
-digested so a changed file reruns what depends on it."""
+functions, GRPO rewards, distillation teachers, tools): imported with one-line errors, and
+digested so a changed file reruns what depends on it.
+
+``lmladder run`` imports what its own config names. ``export``, ``report`` and ``serve``
+read someone's run folder: they run inside :func:`untrusted` and any import of code the
+folder's config.yaml names is refused (one-line error) unless the user passed
+``--trust-run-code``."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -15,10 +21,35 @@ from typing import Callable
 from lmladder.errors import LadderError
 
 
+_trusted = True  # process-wide (the server's worker threads included)
+
+
+@contextlib.contextmanager
+def untrusted(trust: bool = False):
+    """Within this block, importing code named by a config is refused unless ``trust``
+    (``--trust-run-code``): for commands that read a run folder written by someone else."""
+    global _trusted
+    before, _trusted = _trusted, bool(trust)
+    try:
+        yield
+    finally:
+        _trusted = before
+
+
+def check_trusted(spec: str, field: str) -> None:
+    """LadderError when code named by a run folder may not be imported here."""
+    if not _trusted:
+        raise LadderError(
+            f"{field}: '{spec}' is code named in the run folder's config; this command does not import it "
+            "(it could be anyone's code) unless you pass --trust-run-code"
+        )
+
+
 def load_callable(spec: str, field: str, expected: str = "'module:function'") -> Callable:
     """Import ``module:function`` / ``file.py:function``; the function, or LadderError (one
     line starting with ``field``). A module that is not importable is also looked for in
     the working directory (a module next to the user's data)."""
+    check_trusted(spec, field)
     mod_name, sep, fn_name = spec.rpartition(":")
     if not sep or not mod_name or not fn_name:
         raise LadderError(f"{field}: '{spec}' is not {expected}")

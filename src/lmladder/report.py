@@ -534,6 +534,18 @@ def distill_table(results: dict) -> list[str]:
     return lines
 
 
+def truncation_warning(d: dict) -> str | None:
+    """The inputs cut to fit the model's context (lengths.py), as one sentence, or None."""
+    info = d.get("lengths") or {}
+    t = info.get("truncated") or {}
+    if not t.get("n"):
+        return None
+    n, lim = t["n"], info.get("max_input_tokens")
+    return (f"{n} input{'s' if n != 1 else ''} ({t.get('train', 0)} train, {t.get('test', 0)} test) longer than "
+            f"{lim} tokens (the model's context {info.get('model_context')} less the prompt and answer) "
+            f"{'were' if n != 1 else 'was'} cut to the first {lim} tokens (data.truncation); first: {t.get('first')}")
+
+
 def markdown(results: dict, cost_plot: bool = False, curve_plot: bool = False) -> str:
     rows = table_rows(results)
     rec = results["recommendation"]
@@ -547,6 +559,7 @@ def markdown(results: dict, cost_plot: bool = False, curve_plot: bool = False) -
         *([f"> **Warning:** {d['overlap']['n']} test inputs also appear in train (data.allow_overlap: true); "
            f"first: {', '.join(' = '.join(p) for p in d['overlap']['pairs'][:3])}.", ""]
           if (d.get("overlap") or {}).get("n") else [""] if rec.get("warnings") else []),
+        *([f"> **Warning:** {truncation_warning(d)}.", ""] if truncation_warning(d) else []),
         f"- Task: {results['task']['kind']}; metric `{results['metric']}`"
         + (f", target {results['target']}" if results.get("target") is not None else ""),
         *([f"- Cost: {results['cost']['usd_per_hour']:.2f} USD per hour of the machine "
@@ -616,6 +629,7 @@ def html(results: dict, png: bytes | None, curves: dict[str, bytes] | None = Non
         curve_plot=base64.b64encode(curve_png).decode() if curve_png else None,
         curve_md=curve_lines(results),
         diagnosis_md=diagnosis_lines(results),
+        truncation_warning=truncation_warning(results["data"]),
         curves=[(r["name"], base64.b64encode(curves[r["name"]]).decode(), r.get("details") or {})
                 for r in results["rungs"] if r["name"] in (curves or {})],
     )

@@ -23,12 +23,15 @@ examples:
 
 Security: binds 127.0.0.1 by default (a loud warning when binding elsewhere); optional
 API key (--api-key or $LMLADDER_API_KEY, sent as 'Authorization: Bearer KEY'); request
-bodies and max_tokens are capped. See docs/serving.md.
+bodies and max_tokens are capped; bodies must be UTF-8 JSON (415 otherwise) with finite numbers,
+at most 64 levels deep (400 otherwise); adapters load as safetensors only, checked at startup.
+See docs/serving.md.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import sys
@@ -48,7 +51,8 @@ def add_arguments(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                   help="serve one more PEFT LoRA adapter folder under NAME (repeatable)")
+                   help="serve one more PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) "
+                   "under NAME (repeatable)")
     p.add_argument("--max-adapters", type=int, default=4, metavar="N",
                    help="adapters kept loaded at once (LRU; default 4)")
     p.add_argument("--batch-size", type=int, default=16, metavar="N",
@@ -62,8 +66,14 @@ def add_arguments(p) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
                    help="largest request body (default 1 MiB)")
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: $LMLADDER_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $LMLADDER_API_KEY)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--rung", metavar="NAME",
+                   help="the rung of the run folder served as the task on POST /v1/predict (default: the "
+                   "recommended rung of results.json)")
+    p.add_argument("--trust-run-code", action="store_true",
+                   help="import Python code the run folder's config names (tools, metric functions); off by "
+                   "default: a run folder may come from anyone")
 
 
 @dataclass
@@ -78,6 +88,31 @@ def _is_adapter_dir(p: Path) -> bool:
     return (p / "adapter_config.json").is_file() and any(
         (p / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")
     )
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def adapter_problem(p: Path) -> str | None:
+    """Why folder ``p`` cannot be served as an adapter (None: it can). Adapters load as
+    safetensors only: a pickle file can run code when loaded."""
+    if not p.is_dir():
+        return "no such folder"
+    if not (p / "adapter_config.json").is_file():
+        return "not a PEFT adapter folder (no adapter_config.json)"
+    try:
+        if not isinstance(json.loads((p / "adapter_config.json").read_text()), dict):
+            return "adapter_config.json is not a JSON object"
+    except (OSError, ValueError) as e:
+        return f"adapter_config.json is not readable JSON ({type(e).__name__})"
+    if (p / "adapter_model.safetensors").is_file():
+        return None
+    pickles = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        return (f"holds only pickle weights ({', '.join(pickles[:3])}); lmladder serves safetensors adapters only "
+                "(pickle files can run code). Convert it once in a trusted session: PeftModel.from_pretrained(base, "
+                "DIR).save_pretrained(DIR, safe_serialization=True)")
+    return "no adapter_model.safetensors"
 
 
 def public_name(spec: str) -> str:
@@ -112,6 +147,9 @@ def resolve_target(target: str | None, model: str | None = None, extra: list[str
         rungs = t / "rungs"
         for d in sorted(rungs.iterdir()) if rungs.is_dir() else []:
             if _is_adapter_dir(d / "adapter"):
+                problem = adapter_problem(d / "adapter")
+                if problem:  # refuse now: never a 500 on the first request for it
+                    raise LadderError(f"{d / 'adapter'}: {problem}")
                 if not valid_name(d.name):
                     log.warning("skipping adapter %s: '%s' is not a valid model name", d / "adapter", d.name)
                     continue
@@ -129,9 +167,9 @@ def resolve_target(target: str | None, model: str | None = None, extra: list[str
         name, path = (x.strip() for x in a.split("=", 1))
         if not valid_name(name) or "/" in name:
             raise LadderError(f"--adapter {a}: name '{name}' must be letters, digits, '.', '_', '-'")
-        if not _is_adapter_dir(Path(path).expanduser()):
-            raise LadderError(f"--adapter {a}: {path} is not a PEFT adapter folder "
-                              "(adapter_config.json + adapter_model.safetensors)")
+        problem = adapter_problem(Path(path).expanduser())
+        if problem:
+            raise LadderError(f"--adapter {a}: {problem}")
         if name in adapters:
             raise LadderError(f"--adapter {a}: name '{name}' is already served")
         adapters[name] = str(Path(path).expanduser().resolve())
@@ -151,9 +189,30 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def task_predictor(spec: ServeSpec, rung: str | None):
+    """(serving/predict.Predictor or None, why /v1/predict is off). A rung named with
+    --rung must be servable (LadderError at startup); the recommended one may not be (the
+    route then says why)."""
+    if spec.run_dir is None:
+        if rung is not None:
+            raise LadderError("--rung needs a run folder to serve (lmladder serve RUN_DIR --rung NAME)")
+        return None, "serve a run folder to get its rung as a task on /v1/predict"
+    from lmladder.serving.predict import Predictor
+
+    try:
+        return Predictor(spec.run_dir, rung), None
+    except LadderError as e:
+        if rung is not None:
+            raise
+        log.warning("/v1/predict is off: %s", e)
+        return None, str(e)
+
+
 def build(spec: ServeSpec, *, max_adapters=4, batch_size=16, batch_wait_ms=10.0, max_queue=256,
-          max_tokens_limit=1024, max_body_bytes=1 << 20, api_key=None, model_tok=None):
-    """Load the model, start the worker, return (app, engine). ``model_tok`` reuses a loaded pair."""
+          max_tokens_limit=1024, max_body_bytes=1 << 20, api_key=None, model_tok=None, predictor=None,
+          predict_unavailable=None):
+    """Load the model, start the worker, return (app, engine). ``model_tok`` reuses a loaded pair;
+    ``predictor`` serves a rung of the run as the task on /v1/predict."""
     from lmladder.serving.api import Metrics, Settings, create_app
     from lmladder.serving.engine import Engine
 
@@ -170,7 +229,9 @@ def build(spec: ServeSpec, *, max_adapters=4, batch_size=16, batch_wait_ms=10.0,
                     batch_wait_ms=batch_wait_ms, max_queue=max_queue, metrics=metrics)
     settings = Settings(base_name=spec.base_name, adapters=list(spec.adapters), api_key=api_key or None,
                         max_body_bytes=max_body_bytes, max_tokens_limit=max_tokens_limit)
-    app = create_app(engine, settings, metrics)
+    predict_model = predictor.load_model(model) if predictor is not None else None
+    app = create_app(engine, settings, metrics, predictor=predictor, predict_model=predict_model,
+                     predict_unavailable=predict_unavailable)
     engine.start()
     return app, engine
 
@@ -189,6 +250,7 @@ def main(a) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     spec = resolve_target(a.target, a.model, a.adapter)
+    predictor, why_not = task_predictor(spec, getattr(a, "rung", None))
     api_key = a.api_key if a.api_key is not None else os.environ.get("LMLADDER_API_KEY") or None
     if not _is_loopback(a.host):
         bar = "!" * 78
@@ -200,7 +262,11 @@ def main(a) -> int:
     log.info("loading %s", spec.base_spec)
     app, engine = build(spec, max_adapters=a.max_adapters, batch_size=a.batch_size, batch_wait_ms=a.batch_wait_ms,
                         max_queue=a.max_queue, max_tokens_limit=a.max_tokens_limit,
-                        max_body_bytes=a.max_body_bytes, api_key=api_key)
+                        max_body_bytes=a.max_body_bytes, api_key=api_key, predictor=predictor,
+                        predict_unavailable=why_not)
+    if predictor is not None:
+        log.info("POST /v1/predict serves rung %s as the %s task (inputs: %s)", predictor.rung,
+                 predictor.cfg.task.kind, ", ".join(predictor.describe()["input_fields"]))
     names = ", ".join([spec.base_name, "base", *spec.adapters])
     log.info("serving %s on http://%s:%d/v1 (models: %s)%s", spec.base_spec, a.host, a.port, names,
              "; API key required" if api_key else "")

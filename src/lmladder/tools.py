@@ -182,6 +182,9 @@ def load(spec: str, where: str = "tools.tools") -> Tool:
         raise LadderError(
             f"{where}: unknown tool '{spec}' (built-in: {', '.join(BUILTIN)}; or a Python callable 'module:function')"
         )
+    from lmladder.plugins import check_trusted
+
+    check_trusted(spec, where)
     mod, _, attr = spec.partition(":")
     if os.getcwd() not in sys.path:  # the console script's path does not hold the working folder
         sys.path.append(os.getcwd())

@@ -56,6 +56,9 @@ def is_callable_spec(spec: str) -> bool:
 
 
 def _import_callable(spec: str) -> Callable:
+    from lmladder.plugins import check_trusted
+
+    check_trusted(spec, "embedder")
     mod, _, fn = spec.partition(":")
     if os.getcwd() not in sys.path:  # the console script's path does not hold the working folder
         sys.path.append(os.getcwd())

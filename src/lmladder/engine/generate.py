@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
+
+from lmladder import progress as _progress
 
 
 @dataclass
@@ -87,6 +88,7 @@ def generate(
     processors: Callable[[int, list[int]], list] | None = None,
     desc: str = "generate",
     progress: bool = True,
+    max_batch_tokens: int | None = None,
 ) -> tuple[list[list[str]], GenStats]:
     """Generate ``n`` continuations per prompt. Returns texts[prompt][sample] (special
     tokens removed) in the caller's order, and stats.
@@ -96,6 +98,8 @@ def generate(
     returns a list of logits processors for one batch (e.g. a grammar matcher per row);
     a factory with ``accepts_budget = True`` also gets ``max_new_tokens`` (the grammar's
     reasoning budget) and its ``stats()`` are added to the returned stats.
+    ``max_batch_tokens`` bounds a batch's padded size, prompt plus new tokens of every
+    sequence (scoring.token_batches): a very long prompt generates in a smaller batch.
     """
     if not prompt_ids:
         return [], GenStats()
@@ -111,10 +115,12 @@ def generate(
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
-    bar = tqdm(total=len(prompt_ids), desc=desc, unit="ex", disable=not progress, leave=False)
+    bar = _progress.bar(len(prompt_ids), desc, enabled=progress)  # tqdm on a terminal, else lines
     try:
-        for b, start in enumerate(range(0, len(order), per_batch)):
-            idx = order[start : start + per_batch]
+        from lmladder.engine.scoring import token_batches
+
+        seq_len = [(len(p) + max_new_tokens) * max(n, 1) for p in prompt_ids]
+        for b, idx in enumerate(token_batches(order, seq_len, per_batch, max_batch_tokens)):
             rows = [list(prompt_ids[i]) for i in idx]
             ids, mask = _left_pad(rows, pad)
             ids, mask = ids.to(device), mask.to(device)

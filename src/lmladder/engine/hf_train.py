@@ -2,7 +2,8 @@
 (encoder: a classification / tagging head; continued-pretraining: packed raw-text blocks).
 
 One place for the arguments both use (AdamW, linear decay after warmup, no checkpoints,
-bf16 on CUDA devices that support it, fp32 on CPU) and for the stats they report."""
+bf16 on CUDA devices that support it, fp32 on CPU, ``--report-to`` tracking) and for the
+stats they report."""
 
 from __future__ import annotations
 
@@ -32,11 +33,14 @@ def total_steps(cfg, n_rows: int, rows_per_step: int | None = None) -> int:
     return max(1, math.ceil(per_epoch * cfg.epochs))
 
 
-def common_args(cfg, seed: int) -> dict[str, Any]:
+def common_args(cfg, seed: int, run: str | None = None) -> dict[str, Any]:
     """TrainingArguments every lmladder trainer shares (SFT engine, this module, TRL
-    trainers): optimizer schedule from ``cfg``, seeds, no reporting, bf16 on CUDA devices
-    that support it, fp32 on CPU, no dataloader workers."""
+    trainers): optimizer schedule from ``cfg``, seeds, bf16 on CUDA devices that support
+    it, fp32 on CPU, no dataloader workers; reporting to the ``--report-to`` backends as
+    run ``run`` (``tracking.run_name``), none when ``run`` is None."""
     import torch
+
+    from lmladder import tracking
 
     cuda = torch.cuda.is_available()
     return dict(
@@ -44,7 +48,7 @@ def common_args(cfg, seed: int) -> dict[str, Any]:
         num_train_epochs=cfg.epochs or 1.0,  # (max_steps, always set, governs)
         warmup_steps=cfg.warmup_ratio,  # < 1: a share of the steps
         weight_decay=cfg.weight_decay,
-        report_to="none",
+        **tracking.trainer_args(run),
         seed=seed,
         data_seed=seed,
         use_cpu=not cuda,
@@ -59,7 +63,10 @@ def train(model, cfg, rows: list[dict], collator, work_dir: Path, seed: int, **e
     Returns train_seconds, steps, train_loss, loss_curve."""
     from transformers import Trainer, TrainingArguments
 
+    from lmladder import tracking
+
     steps = total_steps(cfg, len(rows))
+    run = tracking.run_name(work_dir, Path(work_dir).parent.name)
     args = TrainingArguments(
         output_dir=str(work_dir),
         per_device_train_batch_size=cfg.batch_size,
@@ -69,15 +76,18 @@ def train(model, cfg, rows: list[dict], collator, work_dir: Path, seed: int, **e
         logging_steps=max(1, steps // 20),
         save_strategy="no",
         log_level="error",
-        **common_args(cfg, seed),
+        **common_args(cfg, seed, run),
         **extra,
     )
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
     from lmladder.engine.sft import quiet_progress
 
-    quiet_progress(trainer)
+    lens = [len(r["input_ids"]) for r in rows if isinstance(r, dict) and "input_ids" in r]
+    per_step = sum(lens) / len(lens) * cfg.batch_size * getattr(cfg, "grad_accum", 1) if lens else None
+    quiet_progress(trainer, tracking.label(work_dir, Path(work_dir).parent.name), per_step)
     t0 = time.perf_counter()
-    out = trainer.train()
+    with tracking.training(trainer, run):
+        out = trainer.train()
     seconds = time.perf_counter() - t0
     shutil.rmtree(work_dir, ignore_errors=True)
     model.eval()

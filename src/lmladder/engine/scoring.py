@@ -24,7 +24,8 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
+
+from lmladder import progress
 
 
 @dataclass
@@ -49,6 +50,39 @@ def common_prefix_len(seqs: list[list[int]]) -> int:
     return n
 
 
+DEFAULT_MAX_BATCH_TOKENS = 8192  # eval.max_batch_tokens
+
+
+def token_batches(order: list[int], lengths: list[int], batch_size: int, max_tokens: int | None) -> list[list[int]]:
+    """Cut ``order`` (indices, longest first) into batches of at most ``batch_size`` rows
+    whose padded size (rows x the batch's longest) stays within ``max_tokens``: short
+    prompts batch fully, a very long one runs alone, so memory is bounded by the budget
+    rather than by the longest input times the batch size."""
+    out: list[list[int]] = []
+    for i in order:
+        if out and len(out[-1]) < batch_size and (
+                max_tokens is None or (len(out[-1]) + 1) * max(lengths[j] for j in out[-1] + [i]) <= max_tokens):
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def _fork(cache):
+    """A cache that can be selected from / repeated / extended without touching ``cache``.
+    Dynamic layers replace their tensors on every such operation (never write into them),
+    so sharing the tensors is enough: a long prompt's cache is not copied once per batch
+    of choices. Other layer kinds are deep-copied."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return copy.deepcopy(cache)
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in layers]
+    return out
+
+
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -62,8 +96,11 @@ def loglikelihoods(
     pad_id: int = 0,
     desc: str = "scoring",
     share_prefix: bool = True,
+    max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
 ) -> tuple[list[list[float]], ScoreStats]:
-    """Return ``ll[i][j]`` = log p(choice_ids[i][j] | prompt_ids[i]) and cost stats."""
+    """Return ``ll[i][j]`` = log p(choice_ids[i][j] | prompt_ids[i]) and cost stats.
+    A batch holds at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens
+    (:func:`token_batches`)."""
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("empty prompt")
     if any(len(c) == 0 for cs in choice_ids for c in cs):
@@ -88,9 +125,9 @@ def loglikelihoods(
     result: list[list[float]] = [[0.0] * len(cs) for cs in choice_ids]
     computed = P
     n_rows = 0
-    bar = tqdm(total=len(prompt_ids), desc=desc, unit="ex", leave=False, disable=None)
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
+    bar = progress.bar(len(prompt_ids), desc)  # tqdm on a terminal, a line every ~30 s elsewhere
+    # the budget counts each row's own tokens: the shared prefix is computed once
+    for batch in token_batches(order, [len(p) - P for p in prompt_ids], batch_size, max_batch_tokens):
         B, T = len(batch), max(len(prompt_ids[i]) - P for i in batch)
         ids = torch.full((B, T), pad_id, dtype=torch.long)
         mask = torch.zeros((B, T), dtype=torch.long)
@@ -103,7 +140,7 @@ def loglikelihoods(
         attn = torch.cat([torch.ones((B, P), dtype=torch.long), mask], 1) if P else mask
         kwargs = {}
         if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
+            cache = _fork(prefix_cache)
             cache.batch_repeat_interleave(B)
             kwargs["past_key_values"] = cache
         out = model(
@@ -123,8 +160,9 @@ def loglikelihoods(
             last_pos = pos[:, -1]
             # (row in batch, example, choice) for every choice with more tokens to score
             rows = [(b, i, j) for b, i in enumerate(batch) for j, c in enumerate(choice_ids[i]) if len(c) > 1]
-            for r0 in range(0, len(rows), batch_size):
-                part = rows[r0 : r0 + batch_size]
+            ctx_len = [P + T + len(choice_ids[i][j]) for _, i, j in rows]  # each row holds its prompt's cache
+            for part_idx in token_batches(list(range(len(rows))), ctx_len, batch_size, max_batch_tokens):
+                part = [rows[k] for k in part_idx]
                 L = max(len(choice_ids[i][j]) - 1 for _, i, j in part)
                 R = len(part)
                 cids = torch.full((R, L), pad_id, dtype=torch.long)
@@ -135,7 +173,7 @@ def loglikelihoods(
                     cmask[k, : len(c)] = 1
                     computed += len(c)
                 sel = torch.tensor([b for b, _, _ in part])
-                cache = copy.deepcopy(stage1)
+                cache = _fork(stage1)
                 cache.batch_select_indices(sel.to(device))
                 cattn = torch.cat([attn[sel], cmask], 1)
                 cpos = last_pos[sel, None] + 1 + torch.arange(L)[None]

@@ -262,7 +262,9 @@ def build_feature(
 
     A sequence longer than ``max_length``: ``truncation="error"`` stops the run;
     ``"truncate"`` cuts the prompt from the left (the answer and the end-of-turn token
-    are kept whole, at least one prompt token stays) and records how many tokens went."""
+    are kept whole) and records how many tokens went; an answer too long to fit beside
+    half of ``max_length`` of prompt is cut from the end too (its end-of-turn token with
+    it, as TRL's ``max_completion_length``)."""
     tok = fmt.tokenizer
     answer_ids = tok(answer, add_special_tokens=False).input_ids
     if not answer or not answer_ids:
@@ -277,13 +279,12 @@ def build_feature(
                 f"{source}: training sequence has {n} tokens, more than max_length="
                 f"{max_length} (raise max_length, shorten the input, or set truncation: truncate)"
             )
-        if len(suffix_ids) + 1 > max_length:
-            raise LadderError(
-                f"{source}: the answer alone has {len(suffix_ids)} tokens, more than "
-                f"max_length={max_length} allows; raise max_length"
-            )
-        truncated = n - max_length
-        prompt_ids = prompt_ids[truncated:]
+        keep_p = max_length - len(suffix_ids)
+        if keep_p < min(len(prompt_ids), max_length // 2):  # the answer must give way too
+            keep_p = min(len(prompt_ids), max_length // 2)
+            suffix_ids = suffix_ids[: max_length - keep_p]
+        truncated = n - keep_p - len(suffix_ids)
+        prompt_ids = prompt_ids[len(prompt_ids) - keep_p:]
     ids = prompt_ids + suffix_ids
     return Feature(
         input_ids=ids,
@@ -524,10 +525,15 @@ class AtomicCheckpoints:
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
 
-def quiet_progress(trainer) -> None:
-    """transformers' progress bar, but the logged values (loss, reward, margin) go on the bar
-    instead of a printed dict per logging step (the returned curves keep them all)."""
+def quiet_progress(trainer, name: str = "train", tokens_per_step: float | None = None) -> None:
+    """Training progress on the main process, instead of transformers' printed dict per
+    logging step (the returned curves keep every value): on a terminal, transformers' bar
+    with the logged values (loss, reward, margin) on it; elsewhere (CI, nohup, a notebook)
+    a line every ``LMLADDER_PROGRESS_SECONDS`` (30) seconds: ``<name>: step s/total, loss,
+    tok/s, ETA`` (lmladder/progress.py). Whatever transformers' verbosity."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from lmladder import progress
 
     class QuietProgress(ProgressCallback):
         KEYS = ("loss", "eval_loss", "reward", "rewards/margins", "rewards/accuracies", "accuracy")
@@ -539,13 +545,39 @@ def quiet_progress(trainer) -> None:
                 if shown:
                     self.training_bar.set_postfix(shown, refresh=False)
 
-    trainer.pop_callback(PrinterCallback)
-    if trainer.pop_callback(ProgressCallback) is not None:
+    for cb in list(trainer.callback_handler.callbacks):  # the notebook bar too (a ProgressCallback kin)
+        if isinstance(cb, (PrinterCallback, ProgressCallback)) or type(cb).__name__ == "NotebookProgressCallback":
+            trainer.remove_callback(cb)
+    if not trainer.is_world_process_zero():
+        return
+    if progress.on_terminal():
         trainer.add_callback(QuietProgress)
+    else:
+        trainer.add_callback(progress.training_callback(name, tokens_per_step))
 
 
 def _auto_steps(total: int, times: int) -> int:
     return max(1, total // times)
+
+
+def step_plan(cfg, n_train: int, n_dev: int, global_batch: int, name: str, checkpoints: bool = True) -> dict:
+    """Optimizer steps, evaluation and checkpoint intervals of an SFT run on ``n_train``
+    rows with ``n_dev`` dev examples; LadderError when the checkpoints cannot hold the best
+    evaluated step. Computed from counts alone, so ``SftRung.validate`` checks it before
+    anything is written and ``train`` uses the same numbers."""
+    from lmladder.engine.hf_train import total_steps as count_steps
+
+    total = count_steps(cfg, n_train, global_batch)
+    evaluate = n_dev > 0
+    eval_steps = cfg.eval_steps or _auto_steps(total, 5)
+    save_steps = cfg.save_steps or (eval_steps if evaluate else _auto_steps(total, 5))
+    best = evaluate and checkpoints
+    if best and save_steps % eval_steps:
+        raise LadderError(
+            f"{name}.save_steps={save_steps} must be a multiple of {name}.eval_steps={eval_steps} "
+            f"(the best checkpoint is chosen among the evaluated ones)"
+        )
+    return {"total": total, "evaluate": evaluate, "eval_steps": eval_steps, "save_steps": save_steps, "best": best}
 
 
 def train(
@@ -588,7 +620,8 @@ def train(
     """
     from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-    from lmladder.engine.hf_train import common_args, total_steps as count_steps
+    from lmladder import tracking
+    from lmladder.engine.hf_train import common_args
 
     rank, world, _ = dist_env()
     micro, accum = split_global_batch(cfg.batch_size, cfg.grad_accum, world)
@@ -613,26 +646,20 @@ def train(
                  "length": len(feats[i].input_ids), **(extra[i] if extra else {})} for i in idx]
 
     rows, dev_rows = rows_of(train_idx), rows_of(dev_idx)
-    total_steps = count_steps(cfg, len(rows), global_batch)
     sampler = GlobalBatchSampler([r["length"] for r in rows], global_batch, seed, cfg.group_by_length)
 
     save = checkpoint_dir is not None and cfg.checkpoints and world == 1
     if checkpoint_dir is not None and cfg.checkpoints and world > 1:
         log.info("%s: checkpoints and early stopping are single-process only; off under %d processes",
                  name, world)
-    evaluate = bool(dev_rows)
-    eval_steps = cfg.eval_steps or _auto_steps(total_steps, 5)
-    save_steps = cfg.save_steps or (eval_steps if evaluate else _auto_steps(total_steps, 5))
-    best = evaluate and save
-    if best and save_steps % eval_steps:
-        raise LadderError(
-            f"{name}.save_steps={save_steps} must be a multiple of {name}.eval_steps={eval_steps} "
-            f"(the best checkpoint is chosen among the evaluated ones)"
-        )
+    plan = step_plan(cfg, len(rows), len(dev_rows), global_batch, name, checkpoints=save)
+    total_steps, evaluate, eval_steps, save_steps, best = (
+        plan["total"], plan["evaluate"], plan["eval_steps"], plan["save_steps"], plan["best"])
     by_metric = evaluate and dev_metric is not None
     best_key = "eval_task_metric" if by_metric else "eval_loss"
     resume = prepare_checkpoint_dir(checkpoint_dir, fingerprint or "") if save else None
     out_dir = checkpoint_dir if save else work_dir
+    run = tracking.run_name(out_dir, name)  # --report-to: this rung's own tracked run
 
     stash: dict = {}
 
@@ -668,12 +695,12 @@ def train(
         activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         remove_unused_columns=False,
-        disable_tqdm=None if rank == 0 else True,
+        disable_tqdm=rank != 0,  # the bar or progress lines: quiet_progress
         # the loss is the per-token mean over the whole global batch, on every world size
         average_tokens_across_devices=True,
         ddp_find_unused_parameters=False,
         log_level="error" if rank else "passive",
-        **common_args(cfg, seed),
+        **common_args(cfg, seed, run),
     )
     if world > 1:
         log.info(
@@ -710,17 +737,18 @@ def train(
     if sharded or getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
         # rank 0 saves and evaluates the in-memory model: a sharded one would be wrong
         raise LadderError(SHARDING_ERROR.format(what=" / ".join(sharded) or "FSDP / DeepSpeed"))
-    quiet_progress(trainer)
+    avg_len = sum(r["length"] for r in rows) / max(len(rows), 1)
+    quiet_progress(trainer, tracking.label(out_dir, name), avg_len * global_batch)
     if resume:
         log.info("%s: resuming from %s", name, resume)
     t0 = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=resume)
+    with tracking.training(trainer, run):
+        out = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
     hist = trainer.state.log_history
     losses = [h["loss"] for h in hist if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in hist if "eval_loss" in h]
     steps = out.global_step
-    avg_len = sum(r["length"] for r in rows) / max(len(rows), 1)
     tokens = avg_len * global_batch * steps
     model.eval()
     return {

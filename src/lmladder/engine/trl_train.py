@@ -33,8 +33,9 @@ _NOT_CURVES = {"step", "epoch", "total_flos", "train_runtime", "train_samples_pe
                "train_steps_per_second", "train_loss", "num_tokens"}
 
 
-def training_args(cfg, out_dir: Path, seed: int, steps: int, save: bool) -> dict[str, Any]:
-    """Keyword arguments shared by every TRL ``*Config`` (they subclass TrainingArguments)."""
+def training_args(cfg, out_dir: Path, seed: int, steps: int, save: bool, run: str | None = None) -> dict[str, Any]:
+    """Keyword arguments shared by every TRL ``*Config`` (they subclass TrainingArguments);
+    ``run``: the ``--report-to`` run name (``tracking.run_name``), None: no reporting."""
     from lmladder.engine.hf_train import common_args
 
     save_steps = cfg.save_steps or max(1, steps // 5)
@@ -51,7 +52,7 @@ def training_args(cfg, out_dir: Path, seed: int, steps: int, save: bool) -> dict
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         log_level="passive",
-        **common_args(cfg, seed),
+        **common_args(cfg, seed, run),
     )
 
 
@@ -92,6 +93,7 @@ def run(
 
     from transformers import set_seed
 
+    from lmladder import tracking
     from lmladder.engine import sft
 
     set_seed(seed)
@@ -101,15 +103,17 @@ def run(
     save = checkpoint_dir is not None and cfg.checkpoints and not sft.is_distributed()
     resume = sft.prepare_checkpoint_dir(checkpoint_dir, fingerprint) if save else None
     out_dir = Path(checkpoint_dir) if save else Path(work_dir or tempfile.mkdtemp(prefix=f"lmladder-{name}-"))
-    args = config_cls(**{**training_args(cfg, out_dir, seed, steps, save), **(method_args or {})})
+    run = tracking.run_name(out_dir, name)  # --report-to: this rung's own tracked run
+    args = config_cls(**{**training_args(cfg, out_dir, seed, steps, save, run), **(method_args or {})})
     atomic_cls = type(f"Atomic{trainer_cls.__name__}", (sft.AtomicCheckpoints, trainer_cls), {})
     trainer = atomic_cls(model=model, args=args, train_dataset=train_dataset,
                          processing_class=processing_class, **(trainer_kwargs or {}))
-    sft.quiet_progress(trainer)  # values on the bar, not a printed dict per step: curves keep them
+    sft.quiet_progress(trainer, tracking.label(out_dir, name))  # bar / lines, not a dict per step: curves keep them
     if resume:
         log.info("%s: resuming from %s", name, resume)
     t0 = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=resume)
+    with tracking.training(trainer, run):
+        out = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
     hist = trainer.state.log_history
     done = out.global_step - ((sft.checkpoint_step(resume) or 0) if resume else 0)

@@ -17,6 +17,19 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 
+def apply_calibration(calibration: dict, labels: list[str], preds: list[dict]) -> list[dict]:
+    """Each label's score less the content-free log prior plus the train log prior (the
+    ``calibration`` a calibrated rung records); ``raw_scores`` / ``raw_pred`` keep the
+    scores and prediction before. Also what ``serve``'s /v1/predict applies."""
+    prior, target = calibration["log_prior"], calibration["log_train_prior"]
+    out = []
+    for p in preds:
+        s = {l: v - prior[l] + target[l] for l, v in p["scores"].items()}
+        best = max(labels, key=lambda l: s[l])  # ties: the first label
+        out.append({**p, "pred": best, "scores": s, "raw_scores": p["scores"], "raw_pred": p["pred"]})
+    return out
+
+
 class Rung:
     name: ClassVar[str]
     cost_rank: ClassVar[float]  # position on the ladder: cheaper rungs first
@@ -56,6 +69,9 @@ class Rung:
 
     def __init__(self, ctx, cfg, out_dir: Path):
         self.ctx, self.cfg, self.out_dir = ctx, cfg, out_dir
+        # what a rung holds that close() must hand back or drop; set here so that close()
+        # is safe whatever step failed (prepare / fit may stop before setting anything)
+        self.model = None
 
     def prepare(self) -> None:
         pass
@@ -73,7 +89,8 @@ class Rung:
         return {}
 
     def close(self) -> None:
-        pass
+        """Undo anything done to the shared base model. Must be safe after any step
+        failed, including before ``prepare`` set anything (the ladder always calls it)."""
 
 
 class PromptRung(Rung):
@@ -148,13 +165,7 @@ class PromptRung(Rung):
         (``raw_scores`` keeps the scores before)."""
         if not getattr(self, "calibration", None):
             return preds
-        prior, target = self.calibration["log_prior"], self.calibration["log_train_prior"]
-        out = []
-        for p in preds:
-            s = {l: v - prior[l] + target[l] for l, v in p["scores"].items()}
-            best = max(self.ctx.task.labels, key=lambda l: s[l])  # ties: the first label
-            out.append({**p, "pred": best, "scores": s, "raw_scores": p["scores"], "raw_pred": p["pred"]})
-        return out
+        return apply_calibration(self.calibration, self.ctx.task.labels, preds)
 
     # ------------------------------------------------------------------ prompt format
     DEV_MAX = 200  # dev examples carved from train to choose the prompt format (auto)

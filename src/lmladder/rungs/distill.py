@@ -269,6 +269,7 @@ class Distill(Lora):
     def validate(cls, cfg, dataset) -> None:
         if not dataset.train:
             raise LadderError(f"{cls.name} needs train inputs for the teacher to label")
+        super().validate(cfg, dataset)
         for name in cls._names(cfg):
             rc = cfg.rung_config(name)
             check_teacher(cfg, dataset, rc.teacher, f"{name}.teacher")

@@ -26,8 +26,10 @@ and resume through engine/trl_train.py):
   the trained text ends where the model must stop, and pad == eos cannot mask it).
   TRL gets these rows as they are (its own tokenisation re-renders prompt+completion
   and keeps the completion where the two diverge). A pair longer than ``max_length``
-  has its prompt cut from the left (counted as ``truncated``; ``truncation: error``
-  stops with the example's file:line instead).
+  has its prompt cut from the left, and responses too long to fit beside half of
+  ``max_length`` of prompt cut from the end as TRL's ``max_completion_length`` does
+  (counted as ``truncated`` / ``truncated_responses``; ``truncation: error`` stops with
+  the example's file:line instead).
 * **predictions** on the held-out pairs: the margin is the implicit DPO reward
   difference ``beta * ((pc - rc) - (pr - rr))`` over the response tokens, with ``r*``
   the start model's log-probs scored before training; the other fields (and generated
@@ -63,9 +65,14 @@ def end_of_turn_id(fmt, eos_ids: set[int], message: str, answer: str) -> int:
 
 
 def pair_rows(task, fmt, examples, eot: int, max_length: int, truncation: str, name: str = "dpo"):
-    """Pre-tokenised DPO rows ``{prompt_ids, chosen_ids, rejected_ids}`` and how many
-    prompts were cut from the left to fit ``max_length``."""
-    rows, truncated = [], 0
+    """Pre-tokenised DPO rows ``{prompt_ids, chosen_ids, rejected_ids}``, how many pairs
+    were cut to fit ``max_length`` and how many of those had their responses cut.
+
+    A pair over ``max_length`` (``truncation: truncate``): the prompt is cut from the left
+    while the longer response fits whole; a response that does not fit beside at least
+    half of ``max_length`` of prompt is cut from the end (its end-of-turn token with it),
+    as TRL's ``max_completion_length`` does, so both responses keep the same start."""
+    rows, truncated, cut_responses = [], 0, 0
     for e in examples:
         p = fmt.encode(fmt.prompt(task.train_message(e)))
         c = task.response_ids(fmt, task.answer(e)) + [eot]
@@ -78,16 +85,15 @@ def pair_rows(task, fmt, examples, eot: int, max_length: int, truncation: str, n
                     f"(raise max_length, shorten the input, or set {name}.truncation: truncate)"
                 )
             longest = max(len(c), len(r))
-            if longest + 1 > max_length:
-                which = "chosen" if len(c) >= len(r) else "rejected"
-                raise LadderError(
-                    f"{e.source}: field '{which}' alone has {longest} tokens, more than "
-                    f"{name}.max_length={max_length} allows; raise max_length"
-                )
-            p = p[n - max_length:]
+            keep_p = max_length - longest
+            if keep_p < min(len(p), max_length // 2):  # the responses must give way too
+                keep_p = min(len(p), max_length // 2)
+                c, r = c[: max_length - keep_p], r[: max_length - keep_p]
+                cut_responses += 1
+            p = p[len(p) - keep_p:]
             truncated += 1
         rows.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
-    return rows, truncated
+    return rows, truncated, cut_responses
 
 
 @functools.cache
@@ -152,11 +158,12 @@ class Dpo(LoraOrFullRung):
         if not train:
             raise LadderError(f"{self.name}: no training pairs (data.train is empty)")
         eot = end_of_turn_id(fmt, sft.eos_token_ids(tok, model), task.train_message(train[0]), task.answer(train[0]))
-        self.rows, self.truncated = pair_rows(task, fmt, train, eot, self.cfg.max_length, self.cfg.truncation,
-                                              self.name)
+        self.rows, self.truncated, self.truncated_responses = pair_rows(
+            task, fmt, train, eot, self.cfg.max_length, self.cfg.truncation, self.name)
         if self.truncated:
-            log.warning("%s: %d training pair(s) longer than max_length=%d: prompt cut from the left",
-                        self.name, self.truncated, self.cfg.max_length)
+            log.warning("%s: %d training pair(s) longer than max_length=%d: prompt cut from the left"
+                        "%s", self.name, self.truncated, self.cfg.max_length,
+                        f", responses of {self.truncated_responses} cut from the end" if self.truncated_responses else "")
         self.messages = [task.user_message(ex) for ex in self.ctx.data.test]
         self.adapter_dir = self.out_dir / self.artifact
         self.model = None
@@ -204,7 +211,8 @@ class Dpo(LoraOrFullRung):
             "loss_first": first("loss"), "loss_last": last("loss"),
             "train_margin_first": first("rewards/margins"), "train_margin_last": last("rewards/margins"),
             "train_reward_accuracy_last": last("rewards/accuracies"),
-            "truncated": self.truncated, "method": self.cfg.method, "beta": self.cfg.beta,
+            "truncated": self.truncated, "truncated_responses": self.truncated_responses,
+            "method": self.cfg.method, "beta": self.cfg.beta,
             "loss_type": self.cfg.loss_type,
             "reference": ("start model, adapter disabled (no second copy)" if self.cfg.method == "lora" else
                           "start model, log-probs precomputed before training (no second copy)"),
@@ -214,6 +222,7 @@ class Dpo(LoraOrFullRung):
     def fit(self) -> dict[str, Any]:
         stats = super().fit()
         stats.setdefault("truncated", self.truncated)
+        stats.setdefault("truncated_responses", self.truncated_responses)
         stats.setdefault("method", self.cfg.method)
         return stats
 

@@ -72,14 +72,9 @@ def context_window(model, tokenizer, override: int | None) -> int | None:
     model's ``max_position_embeddings`` and a sane ``tokenizer.model_max_length``."""
     if override:
         return override
-    cands = []
-    mpe = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(mpe, int) and mpe > 0:
-        cands.append(mpe)
-    mml = getattr(tokenizer, "model_max_length", None)
-    if isinstance(mml, int) and 0 < mml < 10_000_000:
-        cands.append(mml)
-    return min(cands) if cands else None
+    from lmladder.lengths import context_length
+
+    return context_length(getattr(model, "config", None), tokenizer)
 
 
 def fit_count(order_for: Callable[[int], Sequence], n_max: int, shot_cost: Callable[[Sequence], int],
@@ -103,6 +98,20 @@ def fit_count(order_for: Callable[[int], Sequence], n_max: int, shot_cost: Calla
         avg = max(1.0, (shot_cost(shots) - shot_cost(order_for(0))) / m)
         m = max(0, m - max(1, math.ceil(over / avg)))
     return m
+
+
+def shot_record(e) -> dict:
+    """An in-context example as shots.json keeps it: enough to render it again without the
+    train file (serving the rung: its choices, instruction and structured gold too)."""
+    rec = {"id": e.id, "input": e.input, "label": e.label}
+    for k in ("choices", "choice_labels", "instruction"):
+        if getattr(e, k, None) is not None:
+            rec[k] = getattr(e, k)
+    if e.target is not e.label and e.target != e.label:
+        rec["target"] = e.target
+    if "rejected" in (e.fields or {}):
+        rec["fields"] = {"chosen": e.fields.get("chosen"), "rejected": e.fields["rejected"]}
+    return rec
 
 
 class FewShot(PromptRung):
@@ -220,10 +229,7 @@ class FewShot(PromptRung):
                 [{"id": ex.id, "shots": [e.id for e in s]} for ex, s in zip(self.ctx.data.test, self.per_test)],
             )
         else:
-            atomic_write_json(
-                self.out_dir / "shots.json",
-                [{"id": e.id, "input": e.input, "label": e.label} for e in self.shots],
-            )
+            atomic_write_json(self.out_dir / "shots.json", [shot_record(e) for e in self.shots])
         preds, info = self.ctx.task.predict(
             model, self.ctx.fmt(plain=self.format == "plain"), self.messages, self.ctx.data.test, desc=self.name,
             constrained=self.cfg.constrained, engine=self.ctx.cfg.constrained.engine,

@@ -29,7 +29,9 @@ class Qlora(Lora):
         from lmladder import models
 
         try:
-            import bitsandbytes  # noqa: F401
+            from lmladder.engine import bnb
+
+            bnb.require()  # hidden from peft / transformers until a rung quantises
         except ImportError:
             raise LadderError("qlora needs bitsandbytes: pip install bitsandbytes") from None
         # on CPU bitsandbytes warns that an optional fused kernel package is missing; its

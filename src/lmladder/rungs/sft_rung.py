@@ -30,6 +30,20 @@ class SftRung(Rung):
     artifact = "adapter"  # folder under rungs/<rung>/ with the trained weights
     no_packing_reason: str | None = None  # why this rung cannot pack sequences, if it cannot
 
+    @classmethod
+    def validate(cls, cfg, dataset) -> None:
+        """The step plan (engine/sft.step_plan) from the counts alone: a checkpoint interval
+        that cannot hold the best evaluated step is an error before anything is written."""
+        from lmladder.engine import sft
+
+        rc = cfg.rung_config(cls.name)
+        if not hasattr(rc, "eval_steps") or dataset is None:
+            return  # alignment rungs (TRL trainers) have no dev evaluation
+        world = sft.dist_env()[1]
+        _, dev = sft.carve_dev(len(dataset.train), rc.dev_fraction, rc.dev_max, cfg.seed)
+        sft.step_plan(rc, len(dataset.train) - len(dev), len(dev), rc.batch_size * rc.grad_accum, cls.name,
+                      checkpoints=rc.checkpoints and world == 1)
+
     # ------------------------------------------------------------------ hooks
 
     def base_for_training(self):

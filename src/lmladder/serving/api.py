@@ -3,6 +3,11 @@
 Endpoints: ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /v1/models``,
 ``GET /v1/models/{id}``, ``POST /v1/chat/completions``, ``POST /v1/completions``.
 Every error is JSON in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+
+Hostile input stops here, before it reaches a batch: POST bodies must be UTF-8 JSON
+(``Content-Type: application/json``, or none; else 415) with no NaN / Infinity, at most
+``MAX_DEPTH`` levels deep and no lone surrogates in any string (400); every number a
+request sets is checked for type, finiteness and range (400, naming the param).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import collections
 import hmac
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -19,12 +25,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmladder.serving.engine import Busy, Engine, Job, Params, Row
+from lmladder.serving.engine import Busy, Call, Engine, Job, Params, Row
 
 log = logging.getLogger("lmladder.serve")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$")
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/predict", "/v1/models", "/health", "/metrics")
 CONSTRAINED_MSG = (
     "response_format {kind} is not supported yet: this server has no constrained "
     "(JSON-schema) decoding; it lands with a later lmladder issue. Send response_format "
@@ -33,6 +39,9 @@ CONSTRAINED_MSG = (
 MAX_LOGPROBS = 20
 MAX_N = 16
 MAX_STOPS = 16
+MAX_DEPTH = 64  # nesting levels of a request body
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate (valid pairs decode to one character)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how one can get into a UTF-8 body
 
 
 def valid_name(name: str) -> bool:
@@ -48,6 +57,108 @@ class ApiError(Exception):
 
 def error_body(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def json_response(content, status_code: int = 200, headers=None):
+    """A JSON response that cannot fail on a lone surrogate (it is escaped instead)."""
+    from starlette.responses import Response
+
+    try:
+        body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        body = json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+    return Response(body, status_code=status_code, headers=headers, media_type="application/json")
+
+
+def _show(v, n: int = 40) -> str:
+    """A short, ASCII rendering of a client's value for an error message."""
+    try:
+        s = str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else json.dumps(v)
+    except (TypeError, ValueError):
+        s = type(v).__name__
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+# ---- body parsing: content type, UTF-8 JSON, no NaN / Infinity, depth, surrogates --------
+class _NonFinite:
+    """What the parser makes of NaN / Infinity / -Infinity: found (and refused) by check_tree."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def check_content_type(ct: str | None) -> None:
+    """POST bodies are JSON: ``application/json`` (a ``charset`` must be UTF-8). A request
+    without a Content-Type header is read as JSON too (minimal clients omit it)."""
+    if ct is None:
+        return
+    mt, _, params = ct.partition(";")
+    if mt.strip().lower() != "application/json":
+        raise ApiError(415, f"Content-Type must be application/json, got {_show(ct)}", code="unsupported_media_type")
+    for prm in params.split(";"):
+        k, _, v = prm.partition("=")
+        if k.strip().lower() == "charset" and v.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise ApiError(415, f"request bodies must be UTF-8 JSON, got charset {_show(v.strip())}",
+                           code="unsupported_media_type")
+
+
+def _sub(path: str, key) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    key = key[:40].encode("utf-8", "backslashreplace").decode("utf-8")
+    return f"{path}.{key}" if path else key
+
+
+def check_tree(body, max_depth: int = MAX_DEPTH) -> None:
+    """One iterative walk over a parsed body: nesting depth, lone surrogates in strings
+    (keys too), NaN / Infinity. Errors name the path (``messages[0].content``)."""
+    stack = [(body, "", 1)]
+    while stack:
+        obj, path, depth = stack.pop()
+        if depth > max_depth:
+            raise ApiError(400, f"request JSON is nested more than {max_depth} levels deep", param=path[:200] or None,
+                           code="invalid_json")
+        for k, v in obj.items() if type(obj) is dict else enumerate(obj):
+            if type(k) is str and _SURROGATE.search(k):
+                raise ApiError(400, f"a key in '{path or 'the body'}' holds a lone UTF-16 surrogate (e.g. \\ud800): "
+                               "strings must be valid Unicode", param=path or None, code="invalid_json")
+            t = type(v)
+            if t is str:
+                if _SURROGATE.search(v):
+                    p = _sub(path, k)
+                    raise ApiError(400, f"'{p}' holds a lone UTF-16 surrogate (e.g. \\ud800): strings must be valid "
+                                   "Unicode", param=p, code="invalid_json")
+            elif t is dict or t is list:
+                stack.append((v, _sub(path, k), depth + 1))
+            elif t is _NonFinite:
+                p = _sub(path, k)
+                raise ApiError(400, f"'{p}' must be a finite number, got {v.text} (JSON has no NaN or Infinity)",
+                               param=p)
+
+
+def parse_body(raw: bytes) -> dict:
+    """A request body as a JSON object, or a 400 that says what is wrong with it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"request body is not valid UTF-8 (byte {e.start})", code="invalid_json") from None
+    if text[:1] == "\ufeff":
+        text = text[1:]
+    try:
+        body = json.loads(text, parse_constant=_NonFinite)
+    except RecursionError:
+        raise ApiError(400, f"request JSON is nested more than {MAX_DEPTH} levels deep", code="invalid_json") from None
+    except ValueError as e:  # bad syntax; an integer of more than 4300 digits
+        raise ApiError(400, f"request body is not valid JSON ({str(e)[:200]})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    # the walk is needed only when the text could hold what it looks for (C-speed scans)
+    if (text.count("[") + text.count("{") > MAX_DEPTH or "NaN" in text or "Infinity" in text
+            or _SURROGATE_ESCAPE.search(text)):
+        check_tree(body)
+    return body
 
 
 # ---- metrics ----------------------------------------------------------------------
@@ -142,7 +253,7 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        from starlette.responses import JSONResponse
+        from starlette.requests import ClientDisconnect
 
         path = scope.get("path", "")
         endpoint = path if path in ENDPOINTS else ("/v1/models" if path.startswith("/v1/models/") else "other")
@@ -162,12 +273,11 @@ class Guard:
                 record()
 
         async def reply(status, message, type_="invalid_request_error", code=None, headers=None):
-            await JSONResponse(error_body(status, message, type_, None, code), status_code=status,
-                               headers=headers)(scope, receive, _send)
+            await json_response(error_body(status, message, type_, None, code), status, headers)(scope, receive, _send)
 
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         try:
-            if self.s.api_key and (path.startswith("/v1/") or path == "/metrics"):
+            if self.s.api_key and path != "/health":  # every route, known or not, but /health
                 auth = headers.get("authorization", "")
                 given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
                 if not given or not hmac.compare_digest(given.encode(), self.s.api_key.encode()):
@@ -183,6 +293,9 @@ class Guard:
                     return await reply(413, f"request body is {cl} bytes; the limit is {self.s.max_body_bytes} "
                                        "(--max-body-bytes)", code="request_too_large")
             await self.app(scope, receive, _send)
+        except ClientDisconnect:
+            state["status"] = 499
+            log.info("client disconnected from %s", path)
         except Exception:
             log.exception("unhandled error on %s", path)
             if not state["started"]:
@@ -192,19 +305,24 @@ class Guard:
 
 
 # ---- request parsing -------------------------------------------------------------------
-def _num(body: dict, key: str, kind, default, lo=None, hi=None, lo_open=False):
+def _num(body: dict, key: str, kind, default, lo, hi=None, lo_open=False):
+    """A number field: type, finite, integral for ``int``, within [lo, hi] (compared before
+    any conversion, so 10**400 is a 400, not an OverflowError). ``hi=None`` only for ints."""
+    param = key
     v = body.get(key, default)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
-        raise ApiError(400, f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {json.dumps(v)[:40]}",
-                       param=key)
-    v = kind(v)
-    if lo is not None and (v < lo or (lo_open and v == lo)):
-        raise ApiError(400, f"'{key}' must be {'>' if lo_open else '>='} {lo}, got {v}", param=key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ApiError(400, f"'{param}' must be {'an integer' if kind is int else 'a number'}, got {_show(v)}",
+                       param=param)
+    if isinstance(v, float) and not (math.isfinite(v) and (kind is float or v.is_integer())):
+        raise ApiError(400, f"'{param}' must be {'an integer' if kind is int else 'a finite number'}, got {v}",
+                       param=param)
+    if v < lo or (lo_open and v == lo):
+        raise ApiError(400, f"'{param}' must be {'>' if lo_open else '>='} {lo}, got {_show(v)}", param=param)
     if hi is not None and v > hi:
-        raise ApiError(400, f"'{key}' must be <= {hi}, got {v}", param=key)
-    return v
+        raise ApiError(400, f"'{param}' must be <= {hi}, got {_show(v)}", param=param)
+    return kind(v)
 
 
 def _bool(body: dict, key: str, default=False) -> bool:
@@ -231,9 +349,15 @@ def _stops(body: dict) -> tuple[str, ...]:
     return tuple(v)
 
 
+MAX_PREDICT_INPUTS = 64
+
+
 class Api:
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics):
         self.e, self.s, self.m = engine, settings, metrics
+        self.predictor = None  # serving/predict.Predictor: the run's rung as a task (/v1/predict)
+        self.predict_model = None  # that rung's own whole model, when it has one
+        self.predict_unavailable: str | None = None  # why /v1/predict is off
 
     # model names
     def model_ids(self) -> list[str]:
@@ -257,6 +381,7 @@ class Api:
                        param="model", code="model_not_found")
 
     async def read_json(self, request) -> dict:
+        check_content_type(request.headers.get("content-type"))
         chunks, size = [], 0
         async for c in request.stream():
             size += len(c)
@@ -264,14 +389,7 @@ class Api:
                 raise ApiError(413, f"request body over the limit of {self.s.max_body_bytes} bytes (--max-body-bytes)",
                                code="request_too_large")
             chunks.append(c)
-        raw = b"".join(chunks)
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"request body is not valid JSON ({e})", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object", code="invalid_json")
-        return body
+        return parse_body(b"".join(chunks))
 
     def common(self, body: dict, chat: bool) -> tuple[Params, int, bool, dict]:
         rf = body.get("response_format")
@@ -287,7 +405,7 @@ class Api:
             if body.get(key) not in (None, [], {}, "none", ""):
                 raise ApiError(400, f"'{key}' is not supported by this server", param=key)
         for key in ("presence_penalty", "frequency_penalty"):
-            if _num(body, key, float, 0.0) != 0.0:
+            if _num(body, key, float, 0.0, lo=-2.0, hi=2.0) != 0.0:
                 raise ApiError(400, f"'{key}' is not supported by this server (send 0 or leave it out)", param=key)
         if body.get("best_of") not in (None, 1):
             raise ApiError(400, "'best_of' is not supported (use n)", param="best_of")
@@ -296,7 +414,8 @@ class Api:
         default = (self.s.default_chat_max_tokens or limit) if chat else self.s.default_completion_max_tokens
         mt = _num(body, key, int, min(default, limit), lo=1 if chat else 0)
         if mt > limit:
-            raise ApiError(400, f"'{key}' is {mt}; this server allows at most {limit} (--max-tokens-limit)", param=key)
+            raise ApiError(400, f"'{key}' is {_show(mt)}; this server allows at most {limit} (--max-tokens-limit)",
+                           param=key)
         temperature = _num(body, "temperature", float, 1.0, lo=0.0, hi=2.0)
         top_p = _num(body, "top_p", float, 1.0, lo=0.0, hi=1.0, lo_open=True)
         n = _num(body, "n", int, 1, lo=1, hi=MAX_N)
@@ -307,6 +426,9 @@ class Api:
         so = body.get("stream_options") or {}
         if not isinstance(so, dict):
             raise ApiError(400, "'stream_options' must be an object", param="stream_options")
+        if not isinstance(so.get("include_usage", False), bool):
+            raise ApiError(400, "'stream_options.include_usage' must be a boolean",
+                           param="stream_options.include_usage")
         p = Params(max_tokens=mt, temperature=temperature, top_p=top_p, stop=_stops(body), seed=seed)
         return p, n, stream, so
 
@@ -331,7 +453,7 @@ class Api:
             if role == "developer":
                 role = "system"
             if role not in ("system", "user", "assistant"):
-                raise ApiError(400, f"messages[{i}].role {json.dumps(role)} is not supported "
+                raise ApiError(400, f"messages[{i}].role {_show(role)} is not supported "
                                "(system, developer, user, assistant)", param=f"messages[{i}].role")
             c = m.get("content")
             if c is None and role == "assistant":
@@ -355,7 +477,7 @@ class Api:
         try:
             text = tok.apply_chat_template(out, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # jinja errors: role order etc.
-            raise ApiError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+            raise ApiError(400, f"the chat template rejected the messages: {str(e)[:300]}", param="messages") from None
         return tok(text, add_special_tokens=False).input_ids
 
     async def chat(self, request):
@@ -414,7 +536,7 @@ class Api:
             if so.get("include_usage"):
                 yield chunk([], usage(rows))
 
-        return self.sse(events())
+        return self.sse(events(), request.url.path)
 
     # ---- completions -------------------------------------------------------------------------
     def completion_prompts(self, body: dict) -> list[tuple[list[int], str]]:
@@ -504,7 +626,7 @@ class Api:
             if so.get("include_usage"):
                 yield chunk([], usage(rows))
 
-        return self.sse(events())
+        return self.sse(events(), request.url.path)
 
     def legacy_logprobs(self, r: Row, echo: bool, prefix: str) -> dict:
         """OpenAI legacy / vLLM ``logprobs``: tokens, token_logprobs (None for the first
@@ -532,27 +654,36 @@ class Api:
         return {"tokens": tokens, "token_logprobs": tlp, "top_logprobs": top, "text_offset": offs}
 
     # ---- running jobs --------------------------------------------------------------------------
-    def _job(self, adapter, rows, stream):
+    def _submit(self, make):
+        """Queue the engine work ``make(notify)`` builds; (work, its event queue)."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        job = Job(adapter, rows, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev), stream=stream)
+        work = make(lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
         try:
-            self.e.submit(job)
+            self.e.submit(work)
         except Busy as ex:
             raise ApiError(503, str(ex), "server_error", code="overloaded") from None
-        return job, q
+        return work, q
+
+    def _job(self, adapter, rows, stream):
+        return self._submit(lambda notify: Job(adapter, rows, notify, stream=stream))
+
+    @staticmethod
+    async def _next(q, request):
+        """The next engine event; 499 when the client went away meanwhile."""
+        while True:
+            try:
+                return await asyncio.wait_for(q.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    raise ApiError(499, "client disconnected") from None  # the caller cancels the work
 
     async def run(self, adapter, rows, request=None) -> list[Row]:
         job, q = self._job(adapter, rows, stream=False)
         left = len(rows)
         try:
             while left:
-                try:
-                    ev = await asyncio.wait_for(q.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if request is not None and await request.is_disconnected():
-                        raise ApiError(499, "client disconnected") from None  # job cancelled below
-                    continue
+                ev = await self._next(q, request)
                 if ev[0] == "error":
                     raise ApiError(500, f"generation failed: {type(ev[1]).__name__}: {ev[1]}", "server_error")
                 if ev[0] == "done":
@@ -561,6 +692,63 @@ class Api:
             if left:
                 job.cancelled = True
         return rows
+
+    # ---- the task API (serving/predict.py) ----------------------------------------------------
+    async def predict(self, request):
+        """POST /v1/predict: ``{"inputs": [row, ...]}`` (or ``{"input": row}``), rows of the
+        task's input fields; the served rung's predictions in order."""
+        p = self.predictor
+        if p is None:
+            raise ApiError(404, self.predict_unavailable or "no rung is served as a task here (serve a run folder)",
+                           code="no_task")
+        body = await self.read_json(request)
+        if "inputs" in body:
+            rows = body["inputs"]
+            if not isinstance(rows, list) or not rows:
+                raise ApiError(400, "'inputs' must be a non-empty list of objects of the task's fields "
+                               f"({', '.join(p.describe()['input_fields'])})", param="inputs")
+        elif "input" in body:
+            rows = [body["input"]]
+        else:
+            raise ApiError(400, "give 'inputs': a list of objects with the task's fields "
+                           f"({', '.join(p.describe()['input_fields'])}), or 'input': one such object", param="inputs")
+        if len(rows) > MAX_PREDICT_INPUTS:
+            raise ApiError(400, f"at most {MAX_PREDICT_INPUTS} inputs per request, got {len(rows)}", param="inputs")
+        extra = sorted(set(body) - {"inputs", "input", "model"})
+        if extra:
+            raise ApiError(400, f"unknown key '{extra[0]}' (give 'inputs')", param=extra[0])
+        from lmladder.errors import LadderError
+
+        try:
+            examples = p.examples(rows, self.e.tok)
+        except LadderError as ex:
+            raise ApiError(400, str(ex), param="inputs") from None
+        t0 = time.perf_counter()
+        out = await self.call(p.adapter, lambda model: p.predict(model, self.e.tok, examples), request,
+                              model=self.predict_model)
+        return {"object": "prediction", "rung": p.rung, "task": p.cfg.task.kind, "created": int(time.time()),
+                "predictions": out, "seconds": round(time.perf_counter() - t0, 4)}
+
+    async def predict_info(self, request):
+        if self.predictor is None:
+            raise ApiError(404, self.predict_unavailable or "no rung is served as a task here (serve a run folder)",
+                           code="no_task")
+        return self.predictor.describe()
+
+    async def call(self, adapter, fn, request=None, model=None):
+        """Run ``fn(model)`` on the model worker (engine.Call); its result, or an ApiError."""
+        job, q = self._submit(lambda notify: Call(adapter, fn, notify, model=model))
+        try:
+            ev = await self._next(q, request)
+        finally:
+            job.cancelled = True
+        if ev[0] == "error":
+            from lmladder.errors import LadderError
+
+            if isinstance(ev[1], LadderError):
+                raise ApiError(400, str(ev[1]), param="inputs")
+            raise ApiError(500, f"prediction failed: {type(ev[1]).__name__}: {ev[1]}", "server_error")
+        return ev[1]
 
     async def run_stream(self, adapter, rows):
         job, q = self._job(adapter, rows, stream=True)
@@ -581,19 +769,26 @@ class Api:
             if left:
                 job.cancelled = True
 
-    def sse(self, gen):
+    def sse(self, gen, path: str = ""):
         from starlette.responses import StreamingResponse
 
         async def body():
+            finished = False
             try:
-                async for d in gen:
-                    yield f"data: {json.dumps(d)}\n\n"
-            except ApiError as e:
-                yield f"data: {json.dumps(error_body(e.status, e.message, e.type, e.param, e.code))}\n\n"
-            except Exception as e:  # headers are sent: report in-band
-                log.exception("error while streaming")
-                yield f"data: {json.dumps(error_body(500, f'internal error: {type(e).__name__}', 'server_error'))}\n\n"
-            yield "data: [DONE]\n\n"
+                try:
+                    async for d in gen:
+                        yield f"data: {json.dumps(d)}\n\n"
+                except ApiError as e:
+                    yield f"data: {json.dumps(error_body(e.status, e.message, e.type, e.param, e.code))}\n\n"
+                except Exception as e:  # headers are sent: report in-band
+                    log.exception("error while streaming")
+                    err = error_body(500, f"internal error: {type(e).__name__}", "server_error")
+                    yield f"data: {json.dumps(err)}\n\n"
+                yield "data: [DONE]\n\n"
+                finished = True
+            finally:
+                if not finished:  # cancelled: the client went away (or the server is stopping)
+                    log.info("client disconnected from a stream on %s; its generation was cancelled", path)
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -603,31 +798,41 @@ def _copy(p: Params) -> Params:
     return Params(**vars(p))
 
 
-def create_app(engine: Engine, settings: Settings, metrics: Metrics | None = None):
-    """The FastAPI app; the engine's worker must be started by the caller (or lifespan)."""
+def create_app(engine: Engine, settings: Settings, metrics: Metrics | None = None, predictor=None,
+               predict_model=None, predict_unavailable: str | None = None):
+    """The FastAPI app; the engine's worker must be started by the caller (or lifespan).
+    ``predictor`` (serving/predict.Predictor) serves a run's rung as the task on /v1/predict."""
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi.responses import PlainTextResponse
+    from starlette.requests import ClientDisconnect
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     metrics = metrics or engine.metrics or Metrics()
     engine.metrics = metrics
     api = Api(engine, settings, metrics)
+    api.predictor, api.predict_model, api.predict_unavailable = predictor, predict_model, predict_unavailable
     app = FastAPI(title="lmladder serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.api = api
 
     def err(e: ApiError):
-        return JSONResponse(error_body(e.status, e.message, e.type, e.param, e.code), status_code=e.status)
+        return json_response(error_body(e.status, e.message, e.type, e.param, e.code), e.status)
 
     def guarded(fn):
         async def handler(request):
             try:
                 out = await fn(request)
             except ApiError as e:
+                if e.status == 499:
+                    log.info("client disconnected from %s before its answer; its generation was cancelled",
+                             request.url.path)
                 return err(e)
+            except ClientDisconnect:
+                log.info("client disconnected from %s while sending the request body", request.url.path)
+                return err(ApiError(499, "client disconnected"))
             except Exception as e:
                 log.exception("unhandled error on %s", request.url.path)
                 return err(ApiError(500, f"internal server error: {type(e).__name__}", "server_error"))
-            return out if not isinstance(out, dict) else JSONResponse(out)
+            return out if not isinstance(out, dict) else json_response(out)
 
         handler.__name__ = fn.__name__
         return handler
@@ -635,8 +840,7 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics | None = Non
     @app.exception_handler(StarletteHTTPException)
     async def _http_exc(request, exc):
         msg = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed on {request.url.path}"}
-        return JSONResponse(error_body(exc.status_code, msg.get(exc.status_code, str(exc.detail))),
-                            status_code=exc.status_code)
+        return json_response(error_body(exc.status_code, msg.get(exc.status_code, str(exc.detail))), exc.status_code)
 
     async def health(request):
         return {"status": "ok" if engine.alive else "worker stopped", "model": settings.base_name,
@@ -667,5 +871,7 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics | None = Non
     app.add_route("/v1/models/{model_id:path}", guarded(model_one), methods=["GET"])
     app.add_route("/v1/chat/completions", guarded(api.chat), methods=["POST"])
     app.add_route("/v1/completions", guarded(api.completions), methods=["POST"])
+    app.add_route("/v1/predict", guarded(api.predict), methods=["POST"])
+    app.add_route("/v1/predict", guarded(api.predict_info), methods=["GET"])
     app.add_middleware(Guard, settings=settings, metrics=metrics)
     return app

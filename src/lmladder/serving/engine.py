@@ -16,8 +16,14 @@ as it is produced. Finished rows stay in the batch (their tokens are ignored) un
 the whole group is done.
 
 Adapters are PEFT LoRA adapters over the one base model, loaded on demand into a
-``PeftModel`` (``load_adapter``), evicted least-recently-used beyond ``max_adapters``
-(``delete_adapter``).
+``PeftModel`` (``load_adapter``, safetensors only), evicted least-recently-used beyond
+``max_adapters`` (``delete_adapter``).
+
+Isolation: one request can never fail another. A row whose logits are not finite, or
+whose sampling parameters are unusable, fails its own job and leaves the batch. If a
+batched decode raises, its jobs are run again one job at a time (the tokens a row already
+produced are replayed, so text already streamed stays valid); only a job that fails on
+its own gets the error.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
+import os
 import queue
 import threading
 import time
@@ -36,6 +44,15 @@ log = logging.getLogger("lmladder.serve")
 
 class Busy(Exception):
     """The queue is full."""
+
+
+class RowFailed(Exception):
+    """One row could not be decoded (non-finite logits, unusable sampling parameters):
+    its job fails, the rest of the batch goes on."""
+
+
+SAMPLING_EPS = 1e-5  # a temperature below this is greedy (as in vLLM): logits / 1e-300 overflow
+LOGPROB_FLOOR = -9999.0  # -inf log-probs are reported as this (as vLLM does): JSON has no -Infinity
 
 
 @dataclass
@@ -65,6 +82,13 @@ class Row:
     # per prompt token: (id, logprob | None, top | None)
     prompt_logprobs: list[tuple[int, float | None, dict[int, float] | None]] | None = None
     generator: Any = None
+    forced: list[int] = field(default_factory=list)  # tokens to replay first (a retried row)
+
+    def restart(self) -> None:
+        """Reset the results for a retry; the tokens produced so far are replayed first, so
+        the retried row continues the text a client may already have been streamed."""
+        self.forced = list(self.ids)
+        self.ids, self.text, self.gen_logprobs, self.prompt_logprobs, self.generator = [], "", [], None, None
 
 
 class Job:
@@ -83,11 +107,32 @@ class Job:
         self.created = time.perf_counter()
 
     def emit(self, event: tuple) -> None:
-        if self.cancelled:
+        if self.cancelled or (self.failed and event[0] != "error"):
             return
         try:
             self.notify(event)
         except RuntimeError:  # the request's event loop is gone (client left, server stopping)
+            self.cancelled = True
+
+
+class Call:
+    """Work that needs the model itself, not a token loop (``/v1/predict``: a rung's task
+    prediction): the worker runs ``fn(model)`` between decode batches, with ``adapter``
+    active (None: the base) or on ``model`` when one is given, and emits ("done", result)
+    or ("error", exception). It never shares a batch, so it cannot fail anyone else's."""
+
+    rows: tuple = ()
+
+    def __init__(self, adapter: str | None, fn: Callable[[Any], Any], notify: Callable[[tuple], None], model=None):
+        self.adapter, self.fn, self.notify, self.model = adapter, fn, notify, model
+        self.cancelled = False
+
+    def emit(self, event: tuple) -> None:
+        if self.cancelled:
+            return
+        try:
+            self.notify(event)
+        except RuntimeError:
             self.cancelled = True
 
 
@@ -171,7 +216,10 @@ class Engine:
                 first = self._queue.get(timeout=0.1)
             except queue.Empty:
                 continue
-            jobs = [first]
+            if isinstance(first, Call):
+                self._run_call(first)
+                continue
+            jobs, calls = [first], []
             n_rows = len(first.rows)
             deadline = time.perf_counter() + self.batch_wait
             while n_rows < self.batch_size:
@@ -180,6 +228,9 @@ class Engine:
                     job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
+                if isinstance(job, Call):  # after this batch, on its own
+                    calls.append(job)
+                    continue
                 jobs.append(job)
                 n_rows += len(job.rows)
             try:
@@ -188,6 +239,32 @@ class Engine:
                 log.exception("serve worker: unexpected error")
                 for j in jobs:
                     j.emit(("error", e))
+            for c in calls:
+                self._run_call(c)
+
+    def _run_call(self, call: Call) -> None:
+        import torch
+
+        if call.cancelled:
+            return
+        try:
+            if call.model is not None:
+                model, ctx = call.model, contextlib.nullcontext()
+            elif call.adapter is None:
+                model, ctx = ((self.base_model, contextlib.nullcontext()) if self.peft is None
+                              else (self.peft, self.peft.disable_adapter()))
+            else:
+                self._ensure_adapter(call.adapter)
+                self.peft.set_adapter(self._internal[call.adapter])
+                model, ctx = self.peft, contextlib.nullcontext()
+            with torch.inference_mode(), ctx:
+                out = call.fn(model)
+        except Exception as e:  # noqa: BLE001 - the request's own failure
+            log.warning("serve worker: a /v1/predict call failed (%s: %s)", type(e).__name__, str(e)[:200],
+                        exc_info=log.isEnabledFor(logging.DEBUG))
+            call.emit(("error", e))
+            return
+        call.emit(("done", out))
 
     def run_jobs(self, jobs: list[Job]) -> None:
         """Rows that need prompt log-probs run apart (their prefill keeps every position's
@@ -232,12 +309,33 @@ class Engine:
     def _run_chunk_now(self, rows: list[Row]) -> None:
         try:
             self.generate_group(rows)
+            return
         except Exception as e:
-            log.exception("serve worker: generation failed")
-            for j in {id(r.job): r.job for r in rows}.values():
-                if not j.failed:
-                    j.failed = True
-                    j.emit(("error", e))
+            jobs = [j for j in {id(r.job): r.job for r in rows}.values() if not j.failed and not j.cancelled]
+            if len(jobs) <= 1:
+                log.exception("serve worker: generation failed")
+                for j in jobs:
+                    self._fail(j, e)
+                return
+            log.warning("serve worker: a batched decode of %d requests failed (%s: %s); running them again one "
+                        "request at a time", len(jobs), type(e).__name__, str(e)[:200])
+        for j in jobs:  # isolate: only a job that fails on its own gets the error
+            left = [r for r in rows if r.job is j and r.finish_reason is None]
+            if not left or j.failed or j.cancelled:
+                continue
+            for r in left:
+                r.restart()
+            try:
+                self.generate_group(left)
+            except Exception as e:
+                log.exception("serve worker: generation failed")
+                self._fail(j, e)
+
+    @staticmethod
+    def _fail(job: Job, e: BaseException) -> None:
+        if not job.failed:
+            job.failed = True
+            job.emit(("error", e))
 
     # ---- adapters ----------------------------------------------------------------
     def _ensure_adapter(self, name: str) -> None:
@@ -249,6 +347,9 @@ class Engine:
         from peft import PeftModel
 
         path = self.adapter_paths[name]
+        if not os.path.isfile(os.path.join(path, "adapter_model.safetensors")):  # never fall back to pickle
+            log.error("adapter %s: %s/adapter_model.safetensors is missing", name, path)
+            raise RuntimeError(f"adapter '{name}': its adapter_model.safetensors is missing (see the server log)")
         t0 = time.perf_counter()
         if self.peft is None:
             self.peft = PeftModel.from_pretrained(self.base_model, path, adapter_name=iname, is_trainable=False)
@@ -327,13 +428,26 @@ class Engine:
             if r.params.max_tokens == 0:
                 self._finish(r, "length")
                 active[i] = False
+            elif r.job.failed:
+                active[i] = False
         if not any(active):
             return
         logits = out.logits[:, -1, :]
         past = out.past_key_values
         del out
+        replay = any(r.forced for r in rows)
         for _step in range(max_new):
+            bad = ~torch.isfinite(logits.amax(dim=-1))  # a NaN or +inf anywhere, or all -inf
+            if bool(bad.any()):
+                for i in bad.nonzero()[:, 0].tolist():
+                    if active[i]:
+                        self._fail(rows[i].job, RowFailed("the model produced non-finite logits for this request"))
+                        active[i] = False
             nxt = self._choose(logits, rows, active)
+            if replay:
+                for i, r in enumerate(rows):
+                    if active[i] and len(r.ids) < len(r.forced):
+                        nxt[i] = r.forced[len(r.ids)]
             want_lp = [active[i] and rows[i].params.logprobs is not None for i in range(B)]
             lps = torch.log_softmax(logits.float(), dim=-1) if any(want_lp) else None
             nxt_list = nxt.tolist()
@@ -352,8 +466,8 @@ class Engine:
                     top = {}
                     if k:
                         v, ix = lps[i].topk(k)
-                        top = dict(zip(ix.tolist(), v.tolist()))
-                    r.gen_logprobs.append((t, float(lps[i, t]), top))
+                        top = dict(zip(ix.tolist(), v.clamp(min=LOGPROB_FLOOR).tolist()))
+                    r.gen_logprobs.append((t, max(float(lps[i, t]), LOGPROB_FLOOR), top))
                 if t in self.eos_ids:
                     self._finish(r, "stop")
                     active[i] = False
@@ -399,7 +513,12 @@ class Engine:
         nxt = logits.argmax(dim=-1)
         for i, r in enumerate(rows):
             p = r.params
-            if not active[i] or p.temperature <= 0:
+            if not active[i] or p.temperature < SAMPLING_EPS:  # NaN is not < eps: refused below
+                continue
+            if not (math.isfinite(p.temperature) and math.isfinite(p.top_p) and 0 < p.top_p <= 1):
+                self._fail(r.job, RowFailed(f"unusable sampling parameters (temperature {p.temperature}, "
+                                            f"top_p {p.top_p})"))
+                active[i] = False
                 continue
             lg = logits[i].float() / p.temperature
             if p.top_p < 1.0:
@@ -409,7 +528,11 @@ class Engine:
                 srt[drop] = float("-inf")
                 lg = torch.full_like(lg, float("-inf")).scatter(0, idx, srt)
             probs = torch.softmax(lg, dim=-1)
-            nxt[i] = torch.multinomial(probs, 1, generator=r.generator)[0]
+            try:
+                nxt[i] = torch.multinomial(probs, 1, generator=r.generator)[0]
+            except RuntimeError as e:  # invalid probabilities: this row only
+                self._fail(r.job, RowFailed(f"sampling failed: {e}"))
+                active[i] = False
         return nxt
 
     def _prompt_logprobs(self, logits, rows: list[Row], L: int) -> None:
@@ -423,6 +546,10 @@ class Engine:
             res: list = [(r.prompt_ids[0], None, None)]
             if n > 1:
                 lp = torch.log_softmax(logits[i, L - n : L - 1].float(), dim=-1)
+                if bool(lp.isnan().any()):
+                    self._fail(r.job, RowFailed("the model produced non-finite logits for this prompt"))
+                    continue
+                lp = lp.clamp(min=LOGPROB_FLOOR)
                 tgt = torch.tensor(r.prompt_ids[1:], device=lp.device)
                 chosen = lp.gather(1, tgt[:, None])[:, 0].tolist()
                 tops = [{}] * (n - 1)

@@ -251,6 +251,7 @@ def generate_answers(task: Task, model, fmt, messages, examples=None, *, desc=""
         max_new_tokens=max_new_tokens or task.eval_cfg.max_new_tokens,
         n=n, do_sample=do_sample, temperature=temperature, top_p=top_p,
         batch_size=task.eval_cfg.gen_batch_size, seed=task.seed, processors=processors, desc=desc,
+        max_batch_tokens=getattr(task.eval_cfg, "max_batch_tokens", None),
     )
     exs = list(examples) if examples is not None else [None] * len(messages)
     parse = task.extract if reasoning else task.parse

@@ -84,6 +84,7 @@ class ClassificationTask(Task):
             batch_size=self.eval_cfg.batch_size,
             pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
             desc=desc,
+            max_batch_tokens=self.eval_cfg.max_batch_tokens,
         )
         preds = self._argmax(lls)
         info = {

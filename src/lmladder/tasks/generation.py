@@ -25,12 +25,20 @@ class GenerationTask(TextAnswerTask):
     def __init__(self, cfg, labels, eval_cfg, seed):
         super().__init__(cfg, labels, eval_cfg, seed)
         self.metric_fn = None
-        if cfg.metric_fn:
-            self.metric_fn_name, self.metric_fn = load_metric_fn(cfg.metric_fn)
-            if self.metric_fn_name in self.metric_names:
-                raise LadderError(
-                    f"task.metric_fn: '{self.metric_fn_name}' is a built-in metric name; rename the function"
-                )
+        if cfg.metric_fn and cfg.metric_fn.rpartition(":")[2] in self.metric_names:
+            raise LadderError(
+                f"task.metric_fn: '{cfg.metric_fn.rpartition(':')[2]}' is a built-in metric name; rename the function"
+            )
+
+    def setup(self, dataset) -> None:
+        """The user's metric function is imported here (a run, before any model work), not
+        when a task is only built to render prompts (export and serve never import it)."""
+        super().setup(dataset)
+        self._load_metric_fn()
+
+    def _load_metric_fn(self) -> None:
+        if self.cfg.metric_fn and self.metric_fn is None:
+            self.metric_fn_name, self.metric_fn = load_metric_fn(self.cfg.metric_fn)
 
     @classmethod
     def metrics_for(cls, task_cfg):
@@ -51,6 +59,7 @@ class GenerationTask(TextAnswerTask):
 
     def per_example(self, golds, preds):
         per = super().per_example(golds, preds)
+        self._load_metric_fn()
         if self.metric_fn is not None:
             per[self.metric_fn_name] = [self._custom(p, g) for p, g in zip(preds, golds)]
         return per

@@ -126,6 +126,7 @@ class MultipleChoiceTask(Task):
         lls, stats = loglikelihoods(
             model, prompt_ids, choice_ids, batch_size=self.eval_cfg.batch_size,
             pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0, desc=desc,
+            max_batch_tokens=self.eval_cfg.max_batch_tokens,
         )
         info = {
             "prompt_tokens_per_example": sum(map(len, prompt_ids)) / max(len(prompt_ids), 1),
