@@ -249,6 +249,9 @@ def main(a) -> int:
     for noisy in ("transformers", "peft", "accelerate", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations are not the user's to fix
     spec = resolve_target(a.target, a.model, a.adapter)
     predictor, why_not = task_predictor(spec, getattr(a, "rung", None))
     api_key = a.api_key if a.api_key is not None else os.environ.get("LMLADDER_API_KEY") or None
