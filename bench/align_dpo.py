@@ -8,7 +8,7 @@ rounds with the order alternating (lmladder first in even rounds, TRL first in o
 after a warm-up round that is not counted.
 
 * **lmladder** -- the dpo rung's own training path: ``prepare()`` (our tokenisation,
-  exact masks), ``wrap()`` and ``train_weights()`` = engine/trl_train.run with
+  exact masks), ``wrap()`` and ``train_weights()`` = training/trl_train.run with
   ``PretokenizedDPOTrainer``, atomic checkpoints (about 5 per run, as in a normal run) and
   the stats / curves;
 * **TRL** -- ``DPOTrainer(model, args=DPOConfig(...), train_dataset=<conversational
@@ -78,7 +78,7 @@ def trl_side(cfg, base, tok, rows, steps: int, seed: int, work: Path) -> dict:
         output_dir=str(work), per_device_train_batch_size=d.batch_size, gradient_accumulation_steps=d.grad_accum,
         learning_rate=d.lr, max_steps=steps, lr_scheduler_type=d.lr_scheduler, warmup_steps=d.warmup_ratio,
         weight_decay=d.weight_decay, logging_steps=1, report_to="none", seed=seed,
-        # checkpoints on the rung's schedule (engine/trl_train.training_args): the same work
+        # checkpoints on the rung's schedule (training/trl_train.training_args): the same work
         save_strategy="steps" if d.checkpoints else "no", save_steps=d.save_steps or max(1, steps // 5),
         save_total_limit=2,
         data_seed=seed, use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(),
@@ -112,7 +112,7 @@ def main() -> None:
     import torch
 
     from lmladder import config as C
-    from lmladder import ladder
+    from lmladder.run import ladder
     from lmladder.tasks import make_task
 
     raw = C.read_yaml(a.config)

@@ -12,7 +12,7 @@ linear schedule, ``max_steps``, sampling temperature, ``beta=0``, seed, no gradi
 checkpointing (lmladder's default; TRL's default is on), no checkpoints saved:
 
 * ``lmladder``: the ``grpo`` rung's ``fit()`` as the ladder runs it (``Grpo.prepare`` +
-  ``fit``: LoRA wrap, our prompt tokenisation and stop ids, ``engine/trl_train.run`` with
+  ``fit``: LoRA wrap, our prompt tokenisation and stop ids, ``training/trl_train.run`` with
   its subclassed trainer, the adapter saved), ``forgetting_text: null``,
   ``checkpoints: false``;
 * ``trl``: ``trl.GRPOTrainer`` with a conversational ``prompt`` column (TRL applies the chat
@@ -101,7 +101,8 @@ def _cfg(a):
 
 
 def _lmladder(a) -> dict:
-    from lmladder import ladder, rewards
+    from lmladder import rewards
+    from lmladder.run import ladder
     from lmladder.rungs.grpo import Grpo
     from lmladder.tasks import make_task
 

@@ -45,7 +45,7 @@ def main() -> None:
     import torch
 
     from lmladder import config as C
-    from lmladder import ladder
+    from lmladder.run import ladder
 
     rows = []
     for i, n in enumerate(int(x) for x in a.train_sizes.split(",")):

@@ -7,7 +7,7 @@ process: SST-2 test sentences (examples/data/sst2.test.jsonl) as zero-shot and a
 8-shot prompts, each rendered through SmolLM2's chat template by lmladder's
 ``ChatFormat``, with the two labels ``negative`` / ``positive`` as continuations.
 
-* lmladder: ``ClassificationTask.predict`` -> ``engine.scoring.loglikelihoods`` (shared
+* lmladder: ``ClassificationTask.predict`` -> ``inference.scoring.loglikelihoods`` (shared
   prefix KV cache computed once, only the last position's logits computed).
 * lm-eval:  ``HFLM(pretrained=model, tokenizer=tok).loglikelihood(requests)`` with one
   ``Instance(context=prompt, continuation=label)`` per (example, label); run at

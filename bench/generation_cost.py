@@ -1,10 +1,10 @@
 """Generation cost: constrained vs free decoding, self-consistency vs one greedy CoT (issue 3).
 
 What is measured (SmolLM2-135M-Instruct, fp32, CPU; everything through lmladder's own
-path ``tasks.base.generate_answers`` -> ``engine.generate``):
+path ``tasks.base.generate_answers`` -> ``inference.generate``):
 
 (a) **Grammar overhead.** The same zero-shot prompts decoded greedily with and without
-    the task's grammar (engine/constrain.py, xgrammar, and llguidance with ``--llg``):
+    the task's grammar (inference/constrain.py, xgrammar, and llguidance with ``--llg``):
     * extraction: WNUT-16 tweets (examples/wnut_extraction.yaml, first ``--n-extract``
       test inputs), JSON Schema of ``[{"text", "type"}]`` entities, max_new_tokens 64;
     * classification: SST-2 sentences (examples/sst2.yaml), ``choice`` of the two labels,

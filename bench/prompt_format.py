@@ -55,7 +55,8 @@ def lm_eval_style_accuracy(model, tok, rows) -> tuple[float, list[int]]:
 
 
 def lmladder_zero_shot(fmt: str, limit: int, out: Path) -> dict:
-    from lmladder import config, ladder
+    from lmladder import config
+    from lmladder.run import ladder
 
     cfg = config.build({
         "task": {"kind": "multiple-choice"},

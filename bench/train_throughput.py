@@ -6,7 +6,7 @@ The same data (the first ``--train`` rows of examples/data/sst2.train.jsonl), mo
 (SmolLM2-135M-Instruct, fp32 on CPU), LoRA (r=16, alpha=32, dropout 0.05, all-linear),
 batch size, learning rate / warmup / linear schedule and ``max_steps``:
 
-* ``lmladder``: ``engine.sft.train`` as the ``lora`` rung runs it (length-grouped
+* ``lmladder``: ``training.sft.train`` as the ``lora`` rung runs it (length-grouped
   batches, each micro-batch packed into one row, logits computed only at supervised
   positions), no dev split / checkpoints, so only training is timed.
 * ``trl``: ``trl.SFTTrainer`` with a conversational prompt-completion dataset
@@ -59,7 +59,7 @@ def _rows(path: Path, n: int) -> list[dict]:
 
 
 def _features(tok, model, rows):
-    from lmladder.engine import sft
+    from lmladder.training import sft
     from lmladder.prompts import ChatFormat, user_message
 
     fmt = ChatFormat(tok)
@@ -78,7 +78,7 @@ def _lora():
 def eval_loss(model, tok, feats) -> float:
     import torch
 
-    from lmladder.engine import sft
+    from lmladder.training import sft
 
     model.eval()
     col = sft.Collator(tok.pad_token_id, keep_logits=True)
@@ -97,7 +97,7 @@ def child(mode: str, a) -> dict:
     import torch
 
     from lmladder.config import LoraConfig as LadderLora
-    from lmladder.engine import sft
+    from lmladder.training import sft
     from lmladder.models import load_causal_lm
 
     seed = int(mode.split("-seed")[1]) if "-seed" in mode else 0  # e.g. lmladder-seed1: another data order

@@ -24,7 +24,7 @@ def main(out: str, batch_size: int = 4, grad_accum: int = 1, steps: int = 6) -> 
 
     from conftest import make_model, make_tokenizer
     from lmladder.config import LoraConfig
-    from lmladder.engine import sft
+    from lmladder.training import sft
     from lmladder.prompts import ChatFormat
 
     sft.init_distributed()

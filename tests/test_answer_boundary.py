@@ -8,9 +8,10 @@ import json
 
 import pytest
 
-from lmladder import config, ladder
+from lmladder import config
+from lmladder.run import ladder
 from lmladder.data import Example
-from lmladder.engine import sft
+from lmladder.training import sft
 from lmladder.prompts import ChatFormat
 from lmladder.tasks import make_task
 from lmladder.tasks.base import continuations

@@ -1,4 +1,4 @@
-"""Grammar-constrained decoding (engine/constrain.py) on the tiny random model: whatever
+"""Grammar-constrained decoding (inference/constrain.py) on the tiny random model: whatever
 the random weights prefer, the output must parse."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from lmladder.engine import constrain
-from lmladder.engine.generate import generate
+from lmladder.inference import constrain
+from lmladder.inference.generate import generate
 from lmladder.errors import LadderError
 from lmladder.tasks.base import Grammar
 

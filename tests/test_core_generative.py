@@ -85,7 +85,7 @@ def test_train_message_uses_a_seeded_template_choice(tmp_path):
 
 
 def test_group_scores_per_group():
-    from lmladder.ladder import _group_scores
+    from lmladder.run.ladder import _group_scores
     from lmladder.tasks.classification import ClassificationTask
     from lmladder.data import Example
 
@@ -98,7 +98,7 @@ def test_group_scores_per_group():
 
 
 def test_shared_prompt_sampling_matches_separate_greedy_runs():
-    from lmladder.engine.generate import generate
+    from lmladder.inference.generate import generate
 
     tok = make_tokenizer()
     model = make_model(len(tok))

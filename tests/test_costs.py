@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from lmladder import config, ladder
+from lmladder import config
+from lmladder.run import ladder
 from lmladder.tasks import make_task
 
 FAST = ["--set", "few-shot.k=4", "--set", "eval.bootstrap=200", "-q", "--set", "lora.max_steps=4",

@@ -8,7 +8,8 @@ import json
 import pytest
 from torch import nn
 
-from lmladder import config, diagnosis, ladder
+from lmladder import config, diagnosis
+from lmladder.run import ladder
 from lmladder.tasks import make_task
 
 

@@ -173,11 +173,11 @@ def test_answer_text_renders_each_kind():
 
 
 def test_kd_loss_exact_values():
-    """alpha 0: the answer's cross-entropy (engine/sft.token_loss); alpha 1 with the
+    """alpha 0: the answer's cross-entropy (training/sft.token_loss); alpha 1 with the
     student's own distribution as the teacher (full top-k): KL 0; else the KL by hand."""
     import torch
 
-    from lmladder.engine.sft import IGNORE, token_loss
+    from lmladder.training.sft import IGNORE, token_loss
     from lmladder.rungs.distill import kd_loss
 
     torch.manual_seed(0)
@@ -223,7 +223,7 @@ def _answer_kl(model, fmt, messages, answers, teacher, tfmt):
     """Sum over examples and answer tokens of KL(teacher || model), full vocabulary."""
     import torch
 
-    from lmladder.engine import sft
+    from lmladder.training import sft
 
     total = 0.0
     for m, a in zip(messages, answers):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lmladder.engine import sft
+from lmladder.training import sft
 from lmladder.errors import LadderError
 
 HERE = Path(__file__).resolve().parent

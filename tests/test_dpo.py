@@ -80,7 +80,7 @@ def test_collated_batch_masks_exactly_the_responses_and_end_of_turn(tiny, tmp_pa
     from peft import LoraConfig, get_peft_model
     from trl import DPOConfig
 
-    from lmladder.engine.sft import eos_token_ids
+    from lmladder.training.sft import eos_token_ids
     from lmladder.prompts import ChatFormat
     from lmladder.rungs.dpo import dpo_args, end_of_turn_id, pair_rows, trainer_class
 
@@ -190,7 +190,7 @@ def test_interrupted_dpo_resumes_from_its_checkpoint_and_matches(run_cli, tmp_pa
     and ends with the uninterrupted run's losses and adapter weights."""
     from safetensors.torch import load_file
 
-    from lmladder.engine import sft
+    from lmladder.training import sft
 
     args = ("--rungs", "dpo", "--set", "dpo.max_steps=8", "--set", "dpo.save_steps=2")
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"

@@ -10,7 +10,7 @@ import pytest
 
 from lmladder import config as C
 from lmladder.data import Dataset, Example
-from lmladder.ladder import Context
+from lmladder.run.ladder import Context
 from lmladder.rungs.few_shot import FewShot, fit_count, nearest, select_balanced
 from lmladder.tasks import make_task
 
@@ -129,7 +129,7 @@ def test_fit_count_corrects_a_wrong_estimate():
 @pytest.mark.integration
 def test_real_minilm_similar_neighbours():
     """The embedded MiniLM (offline) puts paraphrases next to each other."""
-    from lmladder.engine import embed
+    from lmladder.inference import embed
 
     fn = embed.get("all-minilm-l6-v2")
     train = fn(["the stock market fell sharply", "a wonderful, moving film", "heavy rain expected tomorrow"])

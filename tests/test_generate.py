@@ -1,10 +1,10 @@
-"""engine/generate.py: batched generation, N samples sharing one prefill."""
+"""inference/generate.py: batched generation, N samples sharing one prefill."""
 
 from __future__ import annotations
 
 import pytest
 
-from lmladder.engine.generate import generate
+from lmladder.inference.generate import generate
 
 
 def _ids(tok, texts):

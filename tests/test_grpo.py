@@ -121,7 +121,7 @@ def test_grpo_raises_a_toy_reward(run_cli, tmp_path, tiny, monkeypatch):
     beats the first steps'. The reward sees exactly our chat-templated prompt and the
     gold; every completion stops at the first end-of-turn token or at the length cap.
     The report draws the reward curve."""
-    from lmladder.engine.generate import stop_ids
+    from lmladder.inference.generate import stop_ids
     from lmladder.prompts import ChatFormat
     from lmladder.tasks.math import gold_number
 
@@ -171,7 +171,8 @@ def test_grpo_lora_builtin_hands_the_base_back_untouched(tmp_path, tiny_dir):
     """The rung's whole life (prepare, fit with the built-in math reward, predict, close)
     on a shared base: afterwards its weights, forward, EOS / pad ids and frozen state are
     as before; the adapter is saved, and a rerun with the same fingerprint reuses it."""
-    from lmladder import config as C, ladder
+    from lmladder import config as C
+    from lmladder.run import ladder
     from lmladder.rungs.grpo import Grpo
     from lmladder.tasks import make_task
 
@@ -243,7 +244,7 @@ def test_interrupted_grpo_resumes_from_its_checkpoint(run_cli, tmp_path, monkeyp
     uninterrupted run: same rewards per step, same weights."""
     from safetensors.torch import load_file
 
-    from lmladder.engine import sft
+    from lmladder.training import sft
 
     (tmp_path / "toyreward.py").write_text(REWARD_PY)
     monkeypatch.setenv("GRPO_TEST_LOG", str(tmp_path / "seen.jsonl"))

@@ -123,7 +123,7 @@ def _bad_inputs(tmp_path, tiny_dir):
 
 
 def test_a_bad_input_run_into_a_finished_run_loses_nothing(run_cli, toy_data, finished, tmp_path, tiny_dir):
-    from lmladder.ladder import lock_run_folder
+    from lmladder.run.ladder import lock_run_folder
 
     before = _snapshot(finished)
     assert "rungs/zero-shot/result.json" in before and "results.json" in before
@@ -224,7 +224,7 @@ def _ctx_for(name, tmp_path, tiny_dir):
     from lmladder import config as C
     from lmladder import rungs as rung_mod
     from lmladder.data import Dataset, Example
-    from lmladder.ladder import Context
+    from lmladder.run.ladder import Context
     from lmladder.tasks import make_task
 
     cls = rung_mod.get(name)
@@ -378,7 +378,7 @@ def test_export_report_and_serve_never_import_run_folder_code(run_cli, tmp_path,
     code, _, err = run_cli("export", str(out), "--rung", "zero-shot", "--format", "merged", "--out",
                            str(tmp_path / "exp"), "--no-verify", model=False)
     assert code == 0, err
-    from lmladder.serve import resolve_target
+    from lmladder.serving.cli import resolve_target
 
     resolve_target(str(out))
     assert not marker.exists()

@@ -49,7 +49,7 @@ def adapters(tmp_path_factory):
 def srv(tiny_dir, adapters):
     import uvicorn
 
-    from lmladder import serve
+    from lmladder.serving import cli as serve
 
     spec = serve.ServeSpec(str(tiny_dir), "tiny", {"ad": str(adapters / "ad"), "gone": str(adapters / "gone")})
     app, engine = serve.build(spec, batch_size=16, batch_wait_ms=20, max_tokens_limit=LIMIT,
@@ -430,7 +430,7 @@ def _bin_only(d):
 
 
 def test_bin_only_adapter_refused_at_startup(tiny_dir, tmp_path, adapters, capsys):
-    from lmladder import serve
+    from lmladder.serving import cli as serve
     from lmladder.cli import main
     from lmladder.errors import LadderError
 
@@ -449,7 +449,7 @@ def test_bin_only_adapter_refused_at_startup(tiny_dir, tmp_path, adapters, capsy
 
 
 def test_run_folder_with_bin_only_adapter_refused_at_startup(tiny_dir, tmp_path, adapters, capsys):
-    from lmladder import serve
+    from lmladder.serving import cli as serve
     from lmladder.cli import main
     from lmladder.errors import LadderError
 
@@ -486,7 +486,7 @@ def test_pickle_only_base_model_refused(tmp_path, tiny_dir, capsys):
 def _wait_for(caplog, text, timeout=10.0):
     t0 = time.time()
     while time.time() - t0 < timeout:
-        hits = [r for r in caplog.records if r.name == "lmladder.serve" and text in r.getMessage()]
+        hits = [r for r in caplog.records if r.name == "lmladder.serving.cli" and text in r.getMessage()]
         if hits:
             return hits
         time.sleep(0.05)
@@ -494,12 +494,12 @@ def _wait_for(caplog, text, timeout=10.0):
 
 
 def _no_errors(caplog):
-    bad = [r for r in caplog.records if r.name == "lmladder.serve" and (r.levelno >= logging.WARNING or r.exc_info)]
+    bad = [r for r in caplog.records if r.name == "lmladder.serving.cli" and (r.levelno >= logging.WARNING or r.exc_info)]
     assert not bad, [r.getMessage() for r in bad]
 
 
 def test_disconnect_while_sending_body_is_one_info_line(srv, caplog):
-    caplog.set_level(logging.INFO, logger="lmladder.serve")
+    caplog.set_level(logging.INFO, logger="lmladder.serving.cli")
     with socket.create_connection(("127.0.0.1", srv["port"])) as c:
         c.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n{\"model\":")
@@ -511,7 +511,7 @@ def test_disconnect_while_sending_body_is_one_info_line(srv, caplog):
 
 
 def test_disconnect_while_waiting_is_one_info_line(srv, caplog, monkeypatch):
-    caplog.set_level(logging.INFO, logger="lmladder.serve")
+    caplog.set_level(logging.INFO, logger="lmladder.serving.cli")
     engine = srv["engine"]
     orig = engine.generate_group
     monkeypatch.setattr(engine, "generate_group", lambda rows: (time.sleep(1.5), orig(rows))[1])
@@ -524,7 +524,7 @@ def test_disconnect_while_waiting_is_one_info_line(srv, caplog, monkeypatch):
 
 
 def test_stream_disconnect_is_one_info_line(srv, caplog):
-    caplog.set_level(logging.INFO, logger="lmladder.serve")
+    caplog.set_level(logging.INFO, logger="lmladder.serving.cli")
     body = json.dumps(chat_body(max_tokens=LIMIT, stream=True)).encode()
     with socket.create_connection(("127.0.0.1", srv["port"])) as c:
         c.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -551,7 +551,7 @@ def test_auth_on_every_route_but_health(srv):
 def test_localhost_default_and_loud_warning_elsewhere(tiny_dir, monkeypatch, caplog):
     import uvicorn
 
-    from lmladder import serve
+    from lmladder.serving import cli as serve
 
     ran = []
 
@@ -564,7 +564,7 @@ def test_localhost_default_and_loud_warning_elsewhere(tiny_dir, monkeypatch, cap
     monkeypatch.delenv("LMLADDER_API_KEY", raising=False)
     p = argparse.ArgumentParser()
     serve.add_arguments(p)
-    caplog.set_level(logging.INFO, logger="lmladder.serve")
+    caplog.set_level(logging.INFO, logger="lmladder.serving.cli")
     assert serve.main(p.parse_args([str(tiny_dir)])) == 0
     assert ran == ["127.0.0.1"] and "WARNING: binding" not in caplog.text
     for host, key, no_key_warned in (("0.0.0.0", [], True), ("::", ["--api-key", "k"], False)):

@@ -38,7 +38,7 @@ def test_converted_weights_equal_the_gguf_load(smol):
 
 
 def test_smollm2_loss_mask_and_pad(smol):
-    from lmladder.engine import sft
+    from lmladder.training import sft
     from lmladder.prompts import ChatFormat
 
     model, tok, _ = smol
@@ -76,7 +76,7 @@ def test_three_rungs_on_the_embedded_model(tmp_path):
     # serve the demo's rungs as the task (POST /v1/predict): the same answers as the ladder's
     from fastapi.testclient import TestClient
 
-    from lmladder import serve
+    from lmladder.serving import cli as serve
     from lmladder.models import load_causal_lm
 
     spec = serve.resolve_target(str(out))

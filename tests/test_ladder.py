@@ -116,7 +116,8 @@ def test_report_command_rebuilds(run_cli, toy_data, tmp_path):
 
 
 def test_lora_leaves_the_shared_base_model_untouched(tiny_dir, toy_data, tmp_path):
-    from lmladder import config, ladder
+    from lmladder import config
+    from lmladder.run import ladder
     from lmladder.rungs.lora import Lora
     from lmladder.tasks import make_task
 

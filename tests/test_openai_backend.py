@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from lmladder.engine import openai_backend
+from lmladder.inference import openai_backend
 
 
 def make_app(model, tok, seen: list, flags: dict):

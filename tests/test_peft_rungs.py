@@ -105,7 +105,8 @@ def _state(model):
 
 @pytest.mark.parametrize("name", ["prompt-tuning", "prefix-tuning", "ia3", "full", "qlora"])
 def test_close_restores_the_shared_base_bit_for_bit(name, tiny_dir, tiny64_dir, toy_data, tmp_path):
-    from lmladder import config, ladder
+    from lmladder import config
+    from lmladder.run import ladder
     from lmladder import rungs as rung_mod
     from lmladder.tasks import make_task
 
@@ -146,8 +147,8 @@ def test_virtual_token_model_matches_peft_and_the_shared_prefix_scoring(kind, ti
 
     from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
-    from lmladder.engine.prompt_learning import VirtualTokenModel
-    from lmladder.engine.scoring import loglikelihoods
+    from lmladder.inference.prompt_learning import VirtualTokenModel
+    from lmladder.inference.scoring import loglikelihoods
 
     base, _ = tiny
     cfg = (PromptTuningConfig if kind == "prompt" else PrefixTuningConfig)(task_type="CAUSAL_LM", num_virtual_tokens=5)

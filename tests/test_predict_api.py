@@ -47,7 +47,7 @@ def tiny_loaded(tiny_dir):
 def _client(run, rung, tiny_loaded):
     from fastapi.testclient import TestClient
 
-    from lmladder import serve
+    from lmladder.serving import cli as serve
 
     spec = serve.resolve_target(str(run))
     predictor, why = serve.task_predictor(spec, rung)
@@ -117,7 +117,7 @@ def test_bad_requests_are_400s_naming_the_row_and_field(run, tiny_loaded):
 
 
 def test_rungs_that_cannot_be_served_say_why_at_startup(run, tmp_path):
-    from lmladder import serve
+    from lmladder.serving import cli as serve
     from lmladder.errors import LadderError
 
     spec = serve.resolve_target(str(run))

@@ -298,7 +298,7 @@ def test_bad_grammar_is_a_one_line_error_before_model_work(run_cli, toy_data, tm
 
 def test_cot_constrained_validates_grammars_too(toy_data):
     from lmladder.data import load
-    from lmladder.engine import constrain
+    from lmladder.inference import constrain
 
     cfg = _cfg(cot={"constrained": True})
     train, test = toy_data

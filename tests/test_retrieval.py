@@ -1,4 +1,4 @@
-"""Retrieval (engine/retrieval.py) and the rag rung: corpus reading, chunking, BM25 order
+"""Retrieval (inference/retrieval.py) and the rag rung: corpus reading, chunking, BM25 order
 and scores, RRF, recall@k, the on-disk index cache, validation and an end-to-end run."""
 
 import json
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from lmladder.engine import retrieval as R
+from lmladder.inference import retrieval as R
 from lmladder.errors import LadderError
 
 DOCS = [

@@ -4,7 +4,7 @@ no cache, no batching, no padding."""
 import pytest
 import torch
 
-from lmladder.engine.scoring import common_prefix_len, loglikelihoods
+from lmladder.inference.scoring import common_prefix_len, loglikelihoods
 
 
 def hand_loglik(model, prompt, choice):

@@ -67,7 +67,7 @@ def _free_port() -> int:
 def server(run_dir):
     import uvicorn
 
-    from lmladder import serve
+    from lmladder.serving import cli as serve
 
     out, a2 = run_dir
     spec = serve.resolve_target(str(out), None, [f"lora2={a2}"])
@@ -120,7 +120,7 @@ def _http(server, method, path, key=KEY, **kw):
 
 def direct(refs, model, msgs, max_new):
     """(text, finish_reason, n_tokens) from model.generate on the same chat-template prompt."""
-    from lmladder.engine.sft import eos_token_ids
+    from lmladder.training.sft import eos_token_ids
 
     models, tok = refs
     m = models["base" if model == "base" else model]
@@ -195,7 +195,7 @@ def test_concurrent_mixed_requests_equal_solo_answers(client, server, refs):
 
 def test_lru_of_one_adapter_evicts_and_reloads(run_dir, tiny_dir, refs):
     """Engine driven directly (no HTTP): LRU of 1, rows for lora / lora2 / base in one cycle."""
-    from lmladder import serve
+    from lmladder.serving import cli as serve
     from lmladder.models import load_causal_lm
     from lmladder.serving.api import Metrics
     from lmladder.serving.engine import Engine, Job, Params, Row
@@ -418,7 +418,7 @@ def test_internal_error_is_500_json_and_server_keeps_serving(server, monkeypatch
 
 
 def test_resolve_target_and_cli_errors(run_dir, tiny_dir, tmp_path):
-    from lmladder import serve
+    from lmladder.serving import cli as serve
     from lmladder.cli import main
     from lmladder.errors import LadderError
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lmladder.config import LoraConfig
-from lmladder.engine import sft
+from lmladder.training import sft
 from lmladder.errors import LadderError
 from lmladder.prompts import ChatFormat
 

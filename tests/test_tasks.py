@@ -289,7 +289,7 @@ def test_multiple_choice_acc_and_acc_norm_on_the_tiny_model(tiny):
 
 
 def test_multiple_choice_through_a_remote_backend():
-    class Remote:  # engine/openai_backend.py's interface: echo log-likelihoods per continuation
+    class Remote:  # inference/openai_backend.py's interface: echo log-likelihoods per continuation
         def label_loglikelihoods(self, prompts, conts, batch_size):
             assert len(prompts) == 1
             return [[-3.0 * len(c) ** 0.5 for c in conts]], {"prompt_tokens_per_example": 10.0}

@@ -102,7 +102,8 @@ def test_a_missing_backend_package_stops_before_any_work(run_cli, toy_data, tmp_
 
 
 def test_report_to_config_values_and_fingerprints(tmp_path):
-    from lmladder import config, ladder
+    from lmladder import config
+    from lmladder.run import ladder
 
     raw = {"data": {"train": "t.jsonl"}}
     plain = config.build(raw)
@@ -176,7 +177,7 @@ def test_progress_lines_off_a_terminal(run_cli, toy_data, tmp_path, monkeypatch,
 
 def test_generation_progress_lines_and_terminal_bars(tiny, monkeypatch, caplog):
     from lmladder import progress
-    from lmladder.engine.generate import generate
+    from lmladder.inference.generate import generate
 
     model, tok = tiny
     monkeypatch.setenv("LMLADDER_PROGRESS_SECONDS", "0")
@@ -228,7 +229,7 @@ def test_a_lora_run_never_imports_bitsandbytes(tiny_dir, toy_data, tmp_path):
 def test_bitsandbytes_comes_back_for_a_rung_that_quantises():
     code = ("import sys, lmladder\n"
             "assert 'bitsandbytes' not in sys.modules  # importing lmladder hides nothing\n"
-            "from lmladder.engine import bnb\n"
+            "from lmladder.training import bnb\n"
             "bnb.defer()  # what the lmladder command does first\n"
             "import peft\n"
             "from peft.import_utils import is_bnb_available\n"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from lmladder.engine.hf_train import total_steps
+from lmladder.training.hf_train import total_steps
 
 
 def _cfg(**kw):

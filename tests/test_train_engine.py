@@ -1,4 +1,4 @@
-"""The training engine (engine/sft.py): packing without cross-contamination, loss only
+"""The training engine (training/sft.py): packing without cross-contamination, loss only
 on supervised logits, truncation, dev split, early stopping, atomic checkpoints."""
 
 import json
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lmladder.config import LoraConfig
-from lmladder.engine import sft
+from lmladder.training import sft
 from lmladder.errors import LadderError
 from lmladder.prompts import ChatFormat
 

@@ -1,4 +1,4 @@
-"""The preference win rate (engine/judge.py): the pairwise judge asks both orders with the
+"""The preference win rate (inference/judge.py): the pairwise judge asks both orders with the
 exact prompts, turns order-disagreement into a tie and consistent preferences into 1 / 0;
 the reference is the starting model's responses (zero-shot's records, the base model's
 generated once and cached, or the from: parent's); judge config errors are one line."""
@@ -10,8 +10,8 @@ import pytest
 
 from conftest import write_jsonl
 from lmladder.config import JUDGE_PROMPT, EvalConfig, JudgeConfig, RunConfig, TaskConfig
-from lmladder.engine import judge as judge_mod
-from lmladder.engine.judge import PairwiseJudge
+from lmladder.inference import judge as judge_mod
+from lmladder.inference.judge import PairwiseJudge
 from lmladder.tasks.base import mean_ci
 from lmladder.tasks.preference import PreferenceTask
 

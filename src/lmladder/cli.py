@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # export / serve own their flags (lmladder/export.py, lmladder/serve.py: add_arguments + main);
     # those modules import heavy libraries only inside main().
-    from lmladder import export, serve
+    from lmladder import export
+    from lmladder.serving import cli as serve
 
     export.add_arguments(
         sub.add_parser("export", help="export a rung as adapter, merged model or GGUF", description=export.__doc__,
@@ -267,7 +268,7 @@ def _setup_logging(quiet: bool) -> None:
 def cmd_run(a) -> int:
     _setup_logging(a.quiet)
     cfg = _config_from_args(a)
-    from lmladder import ladder
+    from lmladder.run import ladder
 
     out = (Path(cfg.out) if cfg.out else ladder.default_out(a.config)).expanduser().resolve()
     cfg = cfg.model_copy(update={"out": str(out)})  # the snapshot (config.yaml) names where it is
@@ -286,7 +287,7 @@ def cmd_run(a) -> int:
     except ImportError:  # pragma: no cover
         pass
     results = ladder.run(cfg, out, force=a.force)
-    from lmladder.engine.sft import is_main
+    from lmladder.training.sft import is_main
 
     if is_main():  # under torchrun, one summary
         _summary(results, out)
@@ -305,9 +306,9 @@ def cmd_report(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lmladder.engine import bnb
+    from lmladder.training import bnb
 
-    bnb.defer()  # the command owns the process: bitsandbytes only for a rung that quantises (engine/bnb.py)
+    bnb.defer()  # the command owns the process: bitsandbytes only for a rung that quantises (training/bnb.py)
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.command is None:
@@ -321,10 +322,14 @@ def main(argv: list[str] | None = None) -> int:
         # export / report / serve read a run folder that may be anyone's: no imports of the
         # code its config names unless --trust-run-code
         with plugins.untrusted(getattr(a, "trust_run_code", False)):
-            if a.command in ("export", "serve"):
-                import importlib
+            if a.command == "export":
+                from lmladder import export
 
-                return importlib.import_module(f"lmladder.{a.command}").main(a)
+                return export.main(a)
+            if a.command == "serve":
+                from lmladder.serving import cli as serve
+
+                return serve.main(a)
             return cmd_report(a)
     except LadderError as e:
         print(f"lmladder: error: {e}", file=sys.stderr)

@@ -579,7 +579,7 @@ class OptimConfig(_Config):
 
 class TrainConfig(OptimConfig):
     """Supervised fine-tuning rungs (lora, qlora, ia3, prompt/prefix tuning, full): packing and
-    the dev split with early stopping (engine/sft.py)."""
+    the dev split with early stopping (training/sft.py)."""
 
     epochs: float | None = Field(
         None, gt=0,
@@ -817,7 +817,7 @@ JUDGE_PROMPT = (
 
 class JudgeConfig(_Config):
     """preference: win rate of a rung's greedy responses against its starting model's, judged
-    pairwise by an LM (both orders; engine/judge.py)."""
+    pairwise by an LM (both orders; inference/judge.py)."""
 
     n: int = Field(
         32, ge=0, description="Test prompts (the first N) whose responses are generated and judged; 0 = no win rate."

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from lmladder.errors import LadderError
 
 if TYPE_CHECKING:
-    from lmladder.ladder import RunFolder
+    from lmladder.run.ladder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def add_arguments(p) -> None:
 
 def load_run(run_dir: str | Path) -> RunFolder:
     """The run folder, which must record its label set (export writes the rung's prompt)."""
-    from lmladder.ladder import read_run
+    from lmladder.run.ladder import read_run
 
     run = read_run(run_dir)
     if not run.labels and run.cfg.task.kind == "classification":

@@ -8,7 +8,7 @@
   * a Hugging Face hub id (the normal path online). When the hub is unreachable we
     switch to offline mode at once instead of retrying for a minute;
   * ``openai:<model-name>``: a model served by an OpenAI-compatible endpoint
-    (``OPENAI_BASE_URL``), for inference rungs only (engine/openai_backend.py).
+    (``OPENAI_BASE_URL``), for inference rungs only (inference/openai_backend.py).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _package_dir(package: str) -> Path | None:
 
 def resolve(spec: str) -> ModelRef:
     """Decide what ``spec`` names, without loading anything heavy."""
-    from lmladder.engine import openai_backend
+    from lmladder.inference import openai_backend
 
     if openai_backend.is_openai(spec):
         return ModelRef(spec, "openai", openai_backend.model_name(spec))
@@ -179,7 +179,7 @@ def check_safetensors(folder: Path, what: str) -> None:
 def check_available(ref: ModelRef) -> bool:
     """Fail fast (before any work) if a hub model cannot be had; return local_files_only."""
     if ref.kind == "openai":
-        from lmladder.engine import openai_backend
+        from lmladder.inference import openai_backend
 
         openai_backend.base_url()  # raises when OPENAI_BASE_URL is missing or malformed
         return True
@@ -244,7 +244,7 @@ def load_causal_lm(spec: str, device: str | None = None, dtype: Any = None):
 
     ref = resolve(spec)
     if ref.kind == "openai":  # a remote server: the "model" is a client (inference only)
-        from lmladder.engine import openai_backend
+        from lmladder.inference import openai_backend
 
         model, tok = openai_backend.load(spec)
         return model, tok, ref

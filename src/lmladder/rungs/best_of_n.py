@@ -23,7 +23,7 @@ verifier is, per ``best-of-n.verifier``:
 
 Unparseable candidates never win; ties in the verifier score go to the answer with more
 votes among the candidates, then to the earliest sample. Judge prompts of all examples
-are scored in batches with a shared-prefix KV cache (engine/scoring.py).
+are scored in batches with a shared-prefix KV cache (inference/scoring.py).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class Judge:
 
     def _distributions(self, messages: list[str], labels: list[list[str]]) -> list[list[float]]:
         """P(label | prompt) renormalised over each prompt's labels."""
-        from lmladder.engine.scoring import loglikelihoods
+        from lmladder.inference.scoring import loglikelihoods
 
         if not messages:
             return []

@@ -1,7 +1,7 @@
 """constrained: the zero-shot prompt with grammar-constrained greedy decoding.
 
 The task's grammar (``task.grammar(example)``: the label set, a number regex, the
-extraction JSON Schema) restricts every generated token (engine/constrain.py, xgrammar
+extraction JSON Schema) restricts every generated token (inference/constrain.py, xgrammar
 by default, llguidance with ``constrained.engine: llguidance``), so the answer always
 parses unless the token budget runs out. ``constrained.reasoning: true`` lets the model
 reason first (the cot prompt) and constrains only the final ``Answer: `` line.
@@ -22,7 +22,7 @@ class Constrained(Rung):
 
     @classmethod
     def validate(cls, cfg, dataset) -> None:
-        from lmladder.engine import openai_backend
+        from lmladder.inference import openai_backend
         from lmladder.errors import LadderError
 
         if openai_backend.is_openai(cfg.model):

@@ -40,7 +40,7 @@ IGNORE = -100
 def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
     """The corpus as a list of non-empty documents; problems name ``file:line: field``."""
     from lmladder.data import _rows
-    from lmladder.engine.retrieval import _corpus_files
+    from lmladder.inference.retrieval import _corpus_files
 
     path = Path(path)
     if not path.exists():
@@ -129,7 +129,7 @@ class ContinuedPretraining(Rung):
 
     @classmethod
     def fingerprint_extra(cls, cfg) -> dict:
-        from lmladder.engine.retrieval import corpus_digest
+        from lmladder.inference.retrieval import corpus_digest
 
         c = cfg.continued_pretraining
         return {"corpus": corpus_digest(c.corpus)} if c.corpus and Path(c.corpus).exists() else {}
@@ -161,7 +161,7 @@ class ContinuedPretraining(Rung):
     def _dev_ppl(self, model, tok) -> float | None:
         if not self.dev_docs:
             return None
-        from lmladder.engine import forgetting
+        from lmladder.training import forgetting
 
         chunks = forgetting.token_chunks(tok, self.dev_docs, 8192, max_len=self.cfg.block_size)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -170,7 +170,7 @@ class ContinuedPretraining(Rung):
     def fit(self) -> dict[str, Any]:
         from transformers import AutoModelForCausalLM, set_seed
 
-        from lmladder.engine import hf_train, sft
+        from lmladder.training import hf_train, sft
 
         base, tok = self.ctx.base()
         fp = self.ctx.fingerprint(self.name, training=True)

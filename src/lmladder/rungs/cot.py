@@ -6,7 +6,7 @@ line). When the chat template has a native thinking switch (``enable_thinking``,
 Qwen3) and ``cot.thinking`` is ``auto`` or ``native``, the template's thinking mode is
 turned on too and the answer is read after the closing ``</think>``. Greedy decoding;
 ``cot.constrained: true`` lets the reasoning run free and constrains the answer line
-with the task's grammar (engine/constrain.py, reasoning mode).
+with the task's grammar (inference/constrain.py, reasoning mode).
 
 Shared by self-consistency and best-of-n (the same prompt, sampled N times).
 """
@@ -81,7 +81,7 @@ def reasoning_predict(rung, cfg, *, n: int = 1, do_sample: bool = False, desc: s
 def validate_reasoning(cfg, dataset, rung_cfg, field: str) -> None:
     """Checks shared by the reasoning rungs: a generating backend, and, when
     constrained, grammars that compile (reasoning mode)."""
-    from lmladder.engine import openai_backend
+    from lmladder.inference import openai_backend
     from lmladder.errors import LadderError
 
     if openai_backend.is_openai(cfg.model):
@@ -91,7 +91,7 @@ def validate_reasoning(cfg, dataset, rung_cfg, field: str) -> None:
 
 
 def validate_grammars(cfg, dataset, field: str, reasoning: bool) -> None:
-    from lmladder.engine import constrain
+    from lmladder.inference import constrain
     from lmladder.tasks import make_task
 
     task = make_task(cfg.task, dataset.info.get("labels") or cfg.task.labels or [], cfg.eval, cfg.seed, dataset)

@@ -3,7 +3,7 @@
 Sequence-level knowledge distillation (Kim & Rush, 2016): the teacher's *answers* on the
 train inputs replace the gold answers, and the student is trained on them exactly as the
 ``lora`` rung trains on gold (SFT through the chat template, prompt masked, loss on the
-answer and the end-of-turn token, engine/sft.py). The student's prompt is the cheap
+answer and the end-of-turn token, training/sft.py). The student's prompt is the cheap
 zero-shot prompt, so an expensive prompt (many-shot, chain-of-thought + self-consistency)
 is paid once per train input at labelling time and never again at inference: the report
 shows the teacher rung's test cost per call next to the student's.
@@ -41,7 +41,7 @@ reading the teacher's prompt, with the student's adapter switched off) or ``mode
 with the same vocabulary. Before training the teacher scores each training sequence (its
 prompt + the same answer tokens) and keeps its top-k log-probs at every answer token; the
 loss is ``(1 - alpha) CE + alpha T^2 KL(teacher || student)`` over those tokens, through the
-same SFT engine (the teacher rows ride along in the batch: engine/sft.py ``extra``).
+same SFT engine (the teacher rows ride along in the batch: training/sft.py ``extra``).
 
 What TRL offers and why we do not use it here: TRL's ``GKDTrainer`` /
 ``DistillationTrainer`` distil token distributions on the student's own samples, with the
@@ -165,10 +165,10 @@ def check_logit_teacher(cfg, spec: str, field: str) -> None:
 def kd_loss(outputs, labels, fields, num_items_in_batch=None, *, alpha: float, temperature: float):
     """(1 - alpha) x cross-entropy on the teacher's answer + alpha x T^2 x KL(teacher || student)
     over the teacher's top-k tokens at every answer position, summed over the supervised
-    tokens and divided by their count in the step (as engine/sft.token_loss)."""
+    tokens and divided by their count in the step (as training/sft.token_loss)."""
     import torch.nn.functional as F
 
-    from lmladder.engine.sft import IGNORE
+    from lmladder.training.sft import IGNORE
 
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
     shift = labels[:, 1:]
@@ -195,7 +195,7 @@ def teacher_topk(model, fmt, message: str, answer: str, student_feature, eos: se
     answer token of ``student_feature``, the teacher reading its own prompt ``message``."""
     import torch
 
-    from lmladder.engine import sft
+    from lmladder.training import sft
 
     tf = sft.build_feature(fmt, message, answer, 10 ** 9, source, eos)
     sup_t = [t for t in tf.labels if t != sft.IGNORE]
@@ -296,7 +296,7 @@ class Distill(Lora):
         self._total = 0
 
     def fit(self) -> dict[str, Any]:
-        from lmladder.engine import sft
+        from lmladder.training import sft
 
         train = self.ctx.data.train
         labels = self.teacher_labels() if sft.is_main() else None
@@ -325,7 +325,7 @@ class Distill(Lora):
             return super().train_weights(model, tok, work, checkpoint_dir, fingerprint)
         import functools
 
-        from lmladder.engine import sft
+        from lmladder.training import sft
 
         t0 = time.perf_counter()
         extra = self._teacher_distributions(model)
@@ -343,7 +343,7 @@ class Distill(Lora):
         """Per training feature, the teacher's top-k log-probs at its answer tokens: the run's
         model (adapter off) reading the teacher rung's prompt, or another model reading the
         zero-shot prompt."""
-        from lmladder.engine import sft
+        from lmladder.training import sft
         from lmladder.models import load_causal_lm
         from lmladder.prompts import ChatFormat
 

@@ -18,7 +18,7 @@ No second copy of the model is ever held:
 
 What lmladder adds (the rest of the rung is :class:`SftRung`: reuse of saved weights
 with the same fingerprint, the forgetting check, the atomic save, atomic checkpoints
-and resume through engine/trl_train.py):
+and resume through training/trl_train.py):
 
 * **exact masking** -- we tokenise the pairs ourselves, the way the SFT rungs do:
   ``prompt_ids`` is the chat-template prompt the model sees at inference, ``chosen_ids``
@@ -57,9 +57,9 @@ PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 def end_of_turn_id(fmt, eos_ids: set[int], message: str, answer: str) -> int:
     """The token the chat template ends an assistant answer with (the first EOS-like token
-    after the answer, as engine/sft.build_feature trains it); the tokenizer's EOS for a
+    after the answer, as training/sft.build_feature trains it); the tokenizer's EOS for a
     template without one."""
-    from lmladder.engine.sft import response_ids
+    from lmladder.training.sft import response_ids
 
     return response_ids(fmt, message, answer, eos_ids)[-1]
 
@@ -150,7 +150,7 @@ class Dpo(LoraOrFullRung):
     # ------------------------------------------------------------------ data
 
     def prepare(self) -> None:
-        from lmladder.engine import sft
+        from lmladder.training import sft
 
         task, fmt = self.ctx.task, self.ctx.fmt()
         model, tok = self.ctx.base()
@@ -173,7 +173,7 @@ class Dpo(LoraOrFullRung):
     # ------------------------------------------------------------------ model hooks
 
     def base_for_training(self):
-        from lmladder.engine import sft
+        from lmladder.training import sft
 
         start = self.ctx.base()[0]
         if sft.is_main():  # the reference of the held-out pairs (rank 0 evaluates): the start model
@@ -187,7 +187,7 @@ class Dpo(LoraOrFullRung):
         from datasets import Dataset
         from trl import DPOConfig
 
-        from lmladder.engine import trl_train
+        from lmladder.training import trl_train
 
         conf = model.config.get_text_config()
         gen = getattr(model, "generation_config", None)

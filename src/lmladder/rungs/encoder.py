@@ -56,7 +56,7 @@ def resolve_encoder(spec: str) -> tuple[str, bool]:
     an embedded name whose package is missing, a folder without safetensors weights, a hub
     id that is neither cached nor reachable."""
     from lmladder import models
-    from lmladder.engine import embed
+    from lmladder.inference import embed
 
     if embed.is_callable_spec(spec):
         raise LadderError(f"encoder.model: '{spec}' is a callable; give a model folder, hub id or all-minilm-l6-v2")
@@ -89,7 +89,7 @@ class Encoder(Rung):
 
     @classmethod
     def fingerprint_extra(cls, cfg) -> dict:
-        from lmladder.engine import embed
+        from lmladder.inference import embed
 
         return {"encoder": embed.identity(cfg.encoder.model)}
 
@@ -177,7 +177,7 @@ class Encoder(Rung):
     def fit(self) -> dict[str, Any]:
         from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding, set_seed
 
-        from lmladder.engine import hf_train, sft
+        from lmladder.training import hf_train, sft
 
         fp = self.ctx.fingerprint(self.name, training=True)
         stamp = self.model_dir / "lmladder_fingerprint.txt"

@@ -123,7 +123,7 @@ class FewShot(PromptRung):
     @classmethod
     def validate(cls, cfg, dataset) -> None:
         if cfg.few_shot.selection == "similar":
-            from lmladder.engine import embed
+            from lmladder.inference import embed
 
             embed.resolve(cfg.few_shot.embedder)
         if not dataset.train:
@@ -137,7 +137,7 @@ class FewShot(PromptRung):
 
     def _similar_order(self, k: int) -> list[list]:
         """Per test example: the k nearest train examples, most similar first."""
-        from lmladder.engine import embed
+        from lmladder.inference import embed
 
         task, train, test = self.ctx.task, self.ctx.data.train, self.ctx.data.test
         fn = embed.get(self.cfg.embedder)

@@ -12,7 +12,7 @@ What TRL does: ``trl.GRPOTrainer`` samples the groups, calls the rewards, comput
 advantages and the clipped policy loss; with LoRA the reference (``beta > 0``) is the
 model with the adapter disabled, so no second copy is held.
 
-What we add (besides the shared engine guarantees of ``engine/trl_train.py``: atomic
+What we add (besides the shared engine guarantees of ``training/trl_train.py``: atomic
 checkpoints scoped by fingerprint, resume, the same optimizer arguments, every logged
 value as a curve for the report):
 
@@ -84,7 +84,7 @@ def trainer_class():
 def stop_ids(fmt, model) -> list[int]:
     """Token ids that end a completion: EOS, the model's generation EOS ids, the usual
     end-of-turn tokens, and the special token the chat template closes an answer with."""
-    from lmladder.engine.generate import stop_ids as gen_stop_ids
+    from lmladder.inference.generate import stop_ids as gen_stop_ids
 
     tok = fmt.tokenizer
     ids = set(gen_stop_ids(tok, model))
@@ -108,7 +108,7 @@ class Grpo(LoraOrFullRung):
     @classmethod
     def validate(cls, cfg, dataset) -> None:
         from lmladder import rewards
-        from lmladder.engine import sft
+        from lmladder.training import sft
 
         g = cfg.rung_config(cls.name)
         rewards.check(g.rewards, cfg.task.kind, cfg.rungs)
@@ -204,7 +204,7 @@ class Grpo(LoraOrFullRung):
         import datasets
 
         from lmladder import rewards
-        from lmladder.engine import trl_train
+        from lmladder.training import trl_train
 
         c = self.cfg
         funcs = rewards.resolve(c.rewards, self.ctx.task, self.ctx.data.train, self.ctx.fmt(), self.ctx.run_dir)

@@ -1,13 +1,13 @@
 """lora: supervised fine-tuning with PEFT LoRA on the zero-shot prompt format.
 
 Loss only on the answer tokens and the end-of-turn token (prompt masked), built
-through the chat template (see engine/sft.py). The adapter is saved as safetensors;
+through the chat template (see training/sft.py). The adapter is saved as safetensors;
 if a finished adapter with the same fingerprint is already on disk (a run stopped
 after training), it is loaded instead of retrained; a run killed during training
 resumes from its newest checkpoint (rungs/lora/checkpoints).
 
 Under ``torchrun`` / ``accelerate launch`` every rank trains (DDP, same global batch
-as one process, see engine/sft.py); rank 0 alone decides on reuse, saves the adapter
+as one process, see training/sft.py); rank 0 alone decides on reuse, saves the adapter
 and evaluates.
 """
 

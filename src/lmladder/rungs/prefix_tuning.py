@@ -1,6 +1,6 @@
 """prefix-tuning: learned key/value prefixes (``num_virtual_tokens`` per layer) via
 PEFT; the model's weights are untouched. No packing (each sequence needs the prefix);
-predictions go through engine/prompt_learning.VirtualTokenModel so the shared-prefix
+predictions go through inference/prompt_learning.VirtualTokenModel so the shared-prefix
 scoring cache keeps the learned prefix."""
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ class PromptSearch(Rung):
 
     def generate_variants(self, model, fmt) -> list[str]:
         """``generate`` rewrites of the task instruction by the model (sampled, seeded)."""
-        from lmladder.engine.generate import generate
+        from lmladder.inference.generate import generate
 
         if hasattr(model, "label_loglikelihoods"):
             raise LadderError("prompt_search.generate needs text generation (not offered by the openai: backend); "

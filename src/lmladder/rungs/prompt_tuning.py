@@ -1,7 +1,7 @@
 """prompt-tuning: a learned soft prompt (``num_virtual_tokens`` embeddings) in front of
 every input, via PEFT; the model's weights are untouched. Initialised from the task
 instruction's token embeddings by default. No packing (the soft prompt must precede
-each sequence); predictions go through engine/prompt_learning.VirtualTokenModel so the
+each sequence); predictions go through inference/prompt_learning.VirtualTokenModel so the
 shared-prefix scoring cache keeps the soft prompt."""
 
 from __future__ import annotations

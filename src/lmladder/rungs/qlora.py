@@ -29,7 +29,7 @@ class Qlora(Lora):
         from lmladder import models
 
         try:
-            from lmladder.engine import bnb
+            from lmladder.training import bnb
 
             bnb.require()  # hidden from peft / transformers until a rung quantises
         except ImportError:

@@ -2,7 +2,7 @@
 
 prepare() reads and chunks the corpus and builds (or reads from its cache) the index:
 BM25, dense (sentence embeddings) or hybrid (reciprocal-rank fusion), see
-engine/retrieval.py. predict() optionally lets the model write a short search query
+inference/retrieval.py. predict() optionally lets the model write a short search query
 first (``rag.query_writing``), retrieves ``top_k`` chunks per test example, writes
 them as ``[d3] text`` paragraphs into ``task.user_message(example, context=...)`` and
 runs the task's own prediction. When the test rows carry the gold passage id
@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from lmladder.engine import retrieval
+from lmladder.inference import retrieval
 from lmladder.errors import LadderError
 from lmladder.io import atomic_write_jsonl
 from lmladder.rungs.base import Rung
@@ -65,7 +65,7 @@ class Rag(Rung):
         if not retrieval.read_corpus(p, rc.id_field, rc.text_field):
             raise LadderError(f"{p}: rag corpus is empty (no passages with text)")
         if rc.retriever != "bm25":
-            from lmladder.engine import embed
+            from lmladder.inference import embed
 
             embed.resolve(rc.embedder)
 
@@ -80,7 +80,7 @@ class Rag(Rung):
         return base / key
 
     def prepare(self) -> None:
-        from lmladder.engine import embed
+        from lmladder.inference import embed
 
         rc = self.cfg
         p = _corpus_path(rc)
@@ -100,7 +100,7 @@ class Rag(Rung):
         self.n_passages = len(passages)
 
     def _write_queries(self, model, fmt) -> tuple[list[str], dict]:
-        from lmladder.engine.generate import generate
+        from lmladder.inference.generate import generate
 
         task = self.ctx.task
         if hasattr(model, "label_loglikelihoods"):

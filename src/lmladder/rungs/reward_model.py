@@ -22,7 +22,7 @@ What we add:
   chat models ship pad == eos, which would move the score one token left on every
   sequence); we pick a distinct pad and put it on the model config;
 * LoRA (PEFT ``SEQ_CLS``, the ``score`` head trained in full via ``modules_to_save``) or
-  all weights; atomic checkpoints and resume through :mod:`engine.trl_train`;
+  all weights; atomic checkpoints and resume through :mod:`training.trl_train`;
 * the trained model is saved **merged** (safetensors, with the tokenizer and
   ``lmladder_reward.json``) in ``rungs/reward-model/model``; a later run with the same
   fingerprint reuses it instead of retraining;
@@ -43,8 +43,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lmladder.engine.sft import eos_token_ids as end_of_turn_ids  # the template's end-of-turn ids
-from lmladder.engine.sft import response_ids
+from lmladder.training.sft import eos_token_ids as end_of_turn_ids  # the template's end-of-turn ids
+from lmladder.training.sft import response_ids
 from lmladder.errors import LadderError
 from lmladder.rungs.base import Rung
 from lmladder.tasks.preference import pair_prediction
@@ -83,7 +83,7 @@ def pick_pad_id(tok, eot: set[int]) -> int:
 
 def render_ids(fmt, message: str, response: str, max_length: int, eot: set[int]) -> tuple[list[int], int]:
     """Token ids of chat-templated prompt + response + end-of-turn (what the policy sees
-    and is trained on, engine/sft.build_feature), and how many tokens were cut to fit
+    and is trained on, training/sft.build_feature), and how many tokens were cut to fit
     ``max_length`` (prompt from the left first, then the response from the right; the
     end-of-turn token always stays last)."""
     prompt = fmt.encode(fmt.prompt(message))
@@ -245,7 +245,7 @@ class RewardModel(Rung):
         from transformers import set_seed
         from trl import RewardConfig, RewardTrainer
 
-        from lmladder.engine import sft, trl_train
+        from lmladder.training import sft, trl_train
         from lmladder.io import atomic_dir
 
         causal, tok = self.ctx.base()

@@ -1,7 +1,7 @@
 """self-consistency: N sampled reasoning paths, majority vote on the extracted answer.
 
 The N paths of one prompt are sampled in one batched ``generate`` that runs the prompt's
-prefill once and repeats its KV cache N times (engine/generate.py), so N samples cost N
+prefill once and repeats its KV cache N times (inference/generate.py), so N samples cost N
 decodes but one prefill. Each path's answer is extracted with ``task.extract``; answers
 vote by ``task.vote_key`` (math: the number, extraction: the entity multiset, ...).
 Ties go to the answer sampled first; unparseable samples do not vote; when every

@@ -1,5 +1,5 @@
 """What every weight-update rung shares: features, training with checkpoints / resume /
-early stopping (engine/sft.py), the forgetting check, saving the trained weights with the
+early stopping (training/sft.py), the forgetting check, saving the trained weights with the
 rung fingerprint (and reusing them when a later run finds the same fingerprint), and
 handing the shared base model back untouched in ``close()``.
 
@@ -32,9 +32,9 @@ class SftRung(Rung):
 
     @classmethod
     def validate(cls, cfg, dataset) -> None:
-        """The step plan (engine/sft.step_plan) from the counts alone: a checkpoint interval
+        """The step plan (training/sft.step_plan) from the counts alone: a checkpoint interval
         that cannot hold the best evaluated step is an error before anything is written."""
-        from lmladder.engine import sft
+        from lmladder.training import sft
 
         rc = cfg.rung_config(cls.name)
         if not hasattr(rc, "eval_steps") or dataset is None:
@@ -91,7 +91,7 @@ class SftRung(Rung):
     def build_features(self, answers: list[str]) -> None:
         """Training features (masked prompt + answer + end of turn) for the train split with
         these answer texts (the gold answers; distill passes the teacher's)."""
-        from lmladder.engine import sft
+        from lmladder.training import sft
 
         task, fmt = self.ctx.task, self.ctx.fmt()
         model, tok = self.ctx.base()
@@ -110,8 +110,8 @@ class SftRung(Rung):
 
     def train_weights(self, model, tok, work: Path, checkpoint_dir: Path | None, fingerprint: str) -> dict[str, Any]:
         """Train the wrapped model in place; return the training stats (default: SFT on the
-        features, engine/sft.py; alignment rungs run a TRL trainer, engine/trl_train.py)."""
-        from lmladder.engine import sft
+        features, training/sft.py; alignment rungs run a TRL trainer, training/trl_train.py)."""
+        from lmladder.training import sft
 
         return sft.train(
             model, tok, self.features, self.answers, self.cfg, work, self.ctx.cfg.seed,
@@ -158,7 +158,7 @@ class SftRung(Rung):
         import json
         import time
 
-        from lmladder.engine import sft
+        from lmladder.training import sft
 
         t_fit = time.perf_counter()
         _, tok = self.ctx.base()
@@ -217,7 +217,7 @@ class SftRung(Rung):
 
     def _forgetting_setup(self, start, tok):
         """Perplexity of the forgetting text under the starting model (None when disabled)."""
-        from lmladder.engine import forgetting
+        from lmladder.training import forgetting
 
         spec = self.cfg.forgetting_text
         if not spec:
@@ -233,7 +233,7 @@ class SftRung(Rung):
         return tok.pad_token_id if tok.pad_token_id is not None else 0
 
     def _ppl(self, chunks, tok) -> float:
-        from lmladder.engine import forgetting
+        from lmladder.training import forgetting
 
         return forgetting.perplexity(self.scoring_model(), chunks, self._pad(tok))
 
@@ -356,7 +356,7 @@ class LoraOrFullRung(SftRung):
 
 class PromptLearningRung(SftRung):
     """Prompt / prefix tuning: PEFT wraps the base without touching its modules; the
-    trained virtual tokens are served through engine/prompt_learning.VirtualTokenModel."""
+    trained virtual tokens are served through inference/prompt_learning.VirtualTokenModel."""
 
     no_packing_reason = (
         "the learned virtual tokens must precede every sequence, which a packed row "
@@ -364,12 +364,12 @@ class PromptLearningRung(SftRung):
     )
 
     def dev_scoring_model(self, model):
-        from lmladder.engine.prompt_learning import VirtualTokenModel
+        from lmladder.inference.prompt_learning import VirtualTokenModel
 
         return VirtualTokenModel(model)  # fresh: the virtual tokens change while training
 
     def scoring_model(self):
-        from lmladder.engine.prompt_learning import VirtualTokenModel
+        from lmladder.inference.prompt_learning import VirtualTokenModel
 
         if getattr(self, "_scorer", None) is None or self._scorer.peft_model is not self.model:
             self.model.eval()

@@ -169,7 +169,7 @@ class HFStep:
         return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kw)
 
     def generate(self, conversations):
-        from lmladder.engine.generate import generate
+        from lmladder.inference.generate import generate
 
         templ = bool(getattr(self.tok, "chat_template", None))
         ids = [self.tok(self.render(c), add_special_tokens=not templ).input_ids for c in conversations]

@@ -27,7 +27,7 @@ from typing import Any
 
 from lmladder.serving.engine import Busy, Call, Engine, Job, Params, Row
 
-log = logging.getLogger("lmladder.serve")
+log = logging.getLogger("lmladder.serving.cli")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$")
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/predict", "/v1/models", "/health", "/metrics")

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-log = logging.getLogger("lmladder.serve")
+log = logging.getLogger("lmladder.serving.cli")
 
 
 class Busy(Exception):
@@ -148,7 +148,7 @@ class Engine:
         max_queue: int = 256,
         metrics=None,
     ):
-        from lmladder.engine.sft import eos_token_ids
+        from lmladder.training.sft import eos_token_ids
 
         self.base_model = model
         self.peft = None

@@ -36,7 +36,7 @@ from typing import Any
 
 from lmladder.errors import LadderError
 
-log = logging.getLogger("lmladder.serve")
+log = logging.getLogger("lmladder.serving.cli")
 
 PROMPT_RUNGS = ("zero-shot", "calibrated", "few-shot", "constrained", "prompt-search", "cot", "self-consistency")
 NOT_SERVED = {
@@ -88,7 +88,7 @@ class Predictor:
     """One rung of a run folder, ready to predict for rows of the task's input fields."""
 
     def __init__(self, run_dir: str | Path, rung: str | None = None):
-        from lmladder import ladder
+        from lmladder.run import ladder
         from lmladder.tasks import make_task
 
         run = ladder.read_run(run_dir)

@@ -49,7 +49,7 @@ def continuations(task, fmt, message: str, answers, eos_ids: set[int]) -> list[l
     tok = fmt.tokenizer
     if getattr(fmt, "plain", False):
         return [tok(fmt.answer_prefix() + a + task.plain_end, add_special_tokens=False).input_ids for a in answers]
-    from lmladder.engine.sft import response_ids
+    from lmladder.training.sft import response_ids
 
     return [response_ids(fmt, message, a, eos_ids) for a in answers]
 
@@ -226,7 +226,7 @@ def generate_answers(task: Task, model, fmt, messages, examples=None, *, desc=""
     """Generate for every message and parse: the path shared by direct-answer and
     reasoning rungs. Returns (predictions, info); with ``n > 1`` each prediction holds
     ``samples`` (the n parsed candidates) and ``pred`` is the first."""
-    from lmladder.engine.generate import generate
+    from lmladder.inference.generate import generate
 
     if hasattr(model, "label_loglikelihoods"):
         from lmladder.errors import LadderError
@@ -237,7 +237,7 @@ def generate_answers(task: Task, model, fmt, messages, examples=None, *, desc=""
     ids = [fmt.encode(p) for p in prompt_texts]
     processors = None
     if constrained:
-        from lmladder.engine import constrain
+        from lmladder.inference import constrain
 
         exs = list(examples) if examples is not None else [None] * len(messages)
         grammars = [task.grammar(e) for e in exs]

@@ -65,14 +65,14 @@ class ClassificationTask(Task):
         if constrained:
             return generate_answers(self, model, fmt, messages, examples, desc=desc,
                                     constrained=True, engine=engine)
-        if hasattr(model, "label_loglikelihoods"):  # a remote backend (engine/openai_backend.py)
+        if hasattr(model, "label_loglikelihoods"):  # a remote backend (inference/openai_backend.py)
             texts = [fmt.prompt(m) for m in messages]
             conts = continuation_texts(self, fmt, messages[0], self.labels) if messages else []
             lls, info = model.label_loglikelihoods(texts, conts, self.eval_cfg.batch_size)
             return self._argmax(lls), info
 
-        from lmladder.engine.scoring import loglikelihoods
-        from lmladder.engine.sft import eos_token_ids
+        from lmladder.inference.scoring import loglikelihoods
+        from lmladder.training.sft import eos_token_ids
 
         tok = fmt.tokenizer
         prompt_ids = [fmt.encode(fmt.prompt(m)) for m in messages]

@@ -116,8 +116,8 @@ class MultipleChoiceTask(Task):
             info = {**info, "prompt_tokens_per_example": sum(tokens) / max(len(tokens), 1)}
             return self._argmax(lls, examples), info
 
-        from lmladder.engine.scoring import loglikelihoods
-        from lmladder.engine.sft import eos_token_ids
+        from lmladder.inference.scoring import loglikelihoods
+        from lmladder.training.sft import eos_token_ids
 
         tok = fmt.tokenizer
         prompt_ids = [fmt.encode(fmt.prompt(m)) for m in messages]

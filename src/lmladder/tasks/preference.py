@@ -15,7 +15,7 @@ with bootstrap CIs.
 Win rate: when the run's judge is on (``judge.n > 0``; the ladder sets ``judge_cfg``),
 :meth:`PreferenceTask.predict` also generates a greedy response (``judge.max_new_tokens``)
 to each of the first ``judge.n`` test prompts and stores it as ``response`` in the
-prediction record; the ladder then has engine/judge.py compare those responses with the
+prediction record; the ladder then has inference/judge.py compare those responses with the
 starting model's (``win_rate`` in the rung's metrics, not the primary metric).
 """
 
@@ -40,7 +40,7 @@ class PreferenceTask(Task):
 
     def responses(self, model, fmt, messages, desc: str = "responses"):
         """Greedy responses (``judge.max_new_tokens``) to ``messages``; (texts, GenStats)."""
-        from lmladder.engine.generate import generate
+        from lmladder.inference.generate import generate
 
         ids = [fmt.encode(fmt.prompt(m)) for m in messages]
         max_new = self.judge_cfg.max_new_tokens if self.judge_cfg is not None else self.eval_cfg.max_new_tokens
@@ -76,7 +76,7 @@ class PreferenceTask(Task):
     def score_pairs(self, model, fmt, messages, examples, desc: str = "preference"):
         """Summed log p(chosen | prompt) and log p(rejected | prompt) per example, and the
         scoring stats."""
-        from lmladder.engine.scoring import loglikelihoods
+        from lmladder.inference.scoring import loglikelihoods
         from lmladder.errors import LadderError
 
         if hasattr(model, "label_loglikelihoods"):
@@ -103,7 +103,7 @@ class PreferenceTask(Task):
         preds = [pair_prediction(c - r, logp_chosen=c, logp_rejected=r) for c, r in lls]
         info = {**info, "margin_kind": "policy log-prob (no reference)"}
         n = min(self.judge_cfg.n, len(messages)) if self.judge_cfg is not None else 0
-        if n:  # greedy responses for the win rate (judged by the ladder, engine/judge.py)
+        if n:  # greedy responses for the win rate (judged by the ladder, inference/judge.py)
             texts, stats = self.responses(model, fmt, messages[:n], desc=f"{desc or 'preference'}-responses")
             for p, t in zip(preds, texts):
                 p["response"] = t

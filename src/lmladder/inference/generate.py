@@ -11,7 +11,7 @@ What we add:
 * **Stop at the end of the turn**: EOS ids come from the tokenizer, the model's generation
   config and the chat template's end-of-turn token.
 * **Grammar-constrained decoding** via a per-batch logits processor factory
-  (engine/constrain.py), so every rung can turn it on.
+  (inference/constrain.py), so every rung can turn it on.
 * Seeded sampling: each batch reseeds from ``seed`` and its position, so results do not
   depend on what ran before.
 """
@@ -117,7 +117,7 @@ def generate(
     t0 = time.perf_counter()
     bar = _progress.bar(len(prompt_ids), desc, enabled=progress)  # tqdm on a terminal, else lines
     try:
-        from lmladder.engine.scoring import token_batches
+        from lmladder.inference.scoring import token_batches
 
         seq_len = [(len(p) + max_new_tokens) * max(n, 1) for p in prompt_ids]
         for b, idx in enumerate(token_batches(order, seq_len, per_batch, max_batch_tokens)):

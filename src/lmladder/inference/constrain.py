@@ -15,7 +15,7 @@ fills the row of a token bitmask, and the disallowed logits are set to -inf in p
 ``reasoning=True`` lets the model think first: free text in which the string
 ``Answer:`` cannot appear, then the line ``Answer: `` followed by the constrained
 answer, then end-of-turn. With a token budget (``max_new_tokens``, passed by
-engine/generate.py) a row still thinking when only the answer's reserve is left gets
+inference/generate.py) a row still thinking when only the answer's reserve is left gets
 ``"\nAnswer: "`` forced (one token per step, through the same mask), so the answer fits.
 
 JSON is compact-ish (``", "`` / ``": "`` separators, no free whitespace), so a small
@@ -482,13 +482,13 @@ class GrammarLogitsProcessor(LogitsProcessor):
 
 class ProcessorFactory:
     """``factory(batch_rows, prompt_indices, max_new_tokens=None) -> [processor]``: the
-    callable engine/generate.py asks for one batch's logits processors."""
+    callable inference/generate.py asks for one batch's logits processors."""
 
     accepts_budget = True  # generate() passes max_new_tokens (the reasoning budget)
 
     def __init__(self, tokenizer, grammars: Sequence, engine: str = "xgrammar", reasoning: bool = False,
                  stop: list[int] | None = None):
-        from lmladder.engine.generate import stop_ids
+        from lmladder.inference.generate import stop_ids
         from lmladder.errors import LadderError
 
         _require(engine)
@@ -540,5 +540,5 @@ class ProcessorFactory:
 def processor_factory(tokenizer, grammars: Sequence, engine: str = "xgrammar", reasoning: bool = False,
                       stop: list[int] | None = None) -> ProcessorFactory:
     """A callable ``(batch_rows, prompt_indices) -> [LogitsProcessor]`` for
-    engine/generate.py: ``grammars[i]`` constrains every row generated for prompt ``i``."""
+    inference/generate.py: ``grammars[i]`` constrains every row generated for prompt ``i``."""
     return ProcessorFactory(tokenizer, grammars, engine=engine, reasoning=reasoning, stop=stop)

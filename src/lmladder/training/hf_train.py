@@ -1,4 +1,4 @@
-"""A plain transformers ``Trainer`` run for the rungs that train outside engine/sft.py
+"""A plain transformers ``Trainer`` run for the rungs that train outside training/sft.py
 (encoder: a classification / tagging head; continued-pretraining: packed raw-text blocks).
 
 One place for the arguments both use (AdamW, linear decay after warmup, no checkpoints,
@@ -80,7 +80,7 @@ def train(model, cfg, rows: list[dict], collator, work_dir: Path, seed: int, **e
         **extra,
     )
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
-    from lmladder.engine.sft import quiet_progress
+    from lmladder.training.sft import quiet_progress
 
     lens = [len(r["input_ids"]) for r in rows if isinstance(r, dict) and "input_ids" in r]
     per_step = sum(lens) / len(lens) * cfg.batch_size * getattr(cfg, "grad_accum", 1) if lens else None

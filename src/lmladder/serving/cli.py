@@ -40,7 +40,7 @@ from pathlib import Path
 
 from lmladder.errors import LadderError
 
-log = logging.getLogger("lmladder.serve")
+log = logging.getLogger("lmladder.serving.cli")
 
 
 def add_arguments(p) -> None:
@@ -141,7 +141,7 @@ def resolve_target(target: str | None, model: str | None = None, extra: list[str
     if t is not None and t.is_dir() and (t / "config.yaml").is_file():
         run_dir = str(t)
         if base is None:
-            from lmladder.ladder import read_run
+            from lmladder.run.ladder import read_run
 
             base = read_run(t).cfg.model
         rungs = t / "rungs"

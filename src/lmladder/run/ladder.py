@@ -216,7 +216,7 @@ class Context:
             payload["eval"] = cfg.eval.model_dump(mode="json")
             if cfg.task.kind == "preference":  # responses / win rate depend on the judge settings
                 payload["judge"] = cfg.judge.model_dump(mode="json")
-        from lmladder.engine import openai_backend
+        from lmladder.inference import openai_backend
 
         parent = parent_of(cfg, rung)
         if parent:  # a stacked rung reruns when the model it starts from changes
@@ -266,7 +266,7 @@ def validate(cfg: RunConfig):
         if cfg.task.kind not in rung_class(r).kinds:
             raise LadderError(f"rung {r} does not support task kind {cfg.task.kind}")
     _check_stacking(cfg)
-    from lmladder.engine import openai_backend
+    from lmladder.inference import openai_backend
 
     if openai_backend.is_openai(cfg.model):
         for r in cfg.rungs:
@@ -280,7 +280,7 @@ def validate(cfg: RunConfig):
             raise LadderError(
                 f"unknown metric '{m}' for {cfg.task.kind} (known: {', '.join(metric_names)})"
             )
-    from lmladder.engine import sft
+    from lmladder.training import sft
 
     world = sft.dist_env()[1]
     for r in cfg.rungs:  # under N processes the global batch must split evenly
@@ -295,7 +295,7 @@ def validate(cfg: RunConfig):
         if check is not None:
             check(cfg, dataset)
     from lmladder import models
-    from lmladder.engine import judge as judge_mod
+    from lmladder.inference import judge as judge_mod
 
     if any(rung_class(r).uses_base for r in cfg.rungs):
         models.check_available(models.resolve(cfg.model))
@@ -357,7 +357,7 @@ def _materialise_once(spec: str) -> None:
     once instead of N racing conversions: global rank 0 first, then the first rank of
     every other node (a no-op when the cache is on a shared filesystem)."""
     from lmladder import models
-    from lmladder.engine import sft
+    from lmladder.training import sft
 
     ref = models.resolve(spec)
     if ref.kind not in ("embedded", "gguf"):
@@ -507,7 +507,7 @@ def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
     attempt, a failed or interrupted one included."""
     from lmladder import report, tracking
     from lmladder.cost import Meter
-    from lmladder.engine import sft
+    from lmladder.training import sft
     from lmladder.tasks import make_task
 
     distributed = sft.init_distributed()
@@ -522,7 +522,7 @@ def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
         _materialise_once(cfg.model)
     task = make_task(cfg.task, dataset.info["labels"], cfg.eval, cfg.seed, dataset)  # + gold/schema checks
     check_lengths(cfg, dataset, task)  # every input against the model's context (tokenizer only)
-    from lmladder.engine import judge as judge_mod
+    from lmladder.inference import judge as judge_mod
 
     if judge_mod.enabled(cfg):  # preference: rungs also generate responses for the win rate
         task.judge_cfg = cfg.judge
@@ -784,8 +784,8 @@ def _prior_one_time(out_dir: Path, names: list[str]) -> float:
 
 
 def _run_rung(ctx: "Context", name: str, force: bool, main: bool, distributed: bool, Meter) -> None:
-    from lmladder.engine import judge as judge_mod
-    from lmladder.engine import sft
+    from lmladder.inference import judge as judge_mod
+    from lmladder.training import sft
 
     cfg, dataset, task, out_dir = ctx.cfg, ctx.data, ctx.task, ctx.run_dir
     cls = rung_class(name)

@@ -4,7 +4,7 @@ that scoring and generation use (``input_ids``, ``attention_mask``, ``position_i
 
 PEFT's own forward for prompt learning rebuilds the virtual tokens on every call and
 ignores (prompt tuning) or overwrites (prefix tuning) a ``past_key_values`` passed in,
-so the shared-prefix KV cache of engine/scoring.py would silently drop the soft prompt.
+so the shared-prefix KV cache of inference/scoring.py would silently drop the soft prompt.
 Both methods are, exactly, a fixed prefix of ``n`` virtual positions in front of every
 sequence: here that prefix is computed once as a KV cache (prefix tuning: the learned
 keys/values; prompt tuning: the base model run over the soft prompt embeddings) and

@@ -4,7 +4,7 @@ TRL does the method (losses, reference handling, generation for GRPO); this modu
 what every lmladder weight-update rung promises (docs/training.md):
 
 * **atomic checkpoints scoped by fingerprint, and resume**: checkpoints go to
-  ``rungs/<rung>/checkpoints`` through :class:`engine.sft.AtomicCheckpoints` (staged, then
+  ``rungs/<rung>/checkpoints`` through :class:`training.sft.AtomicCheckpoints` (staged, then
   renamed into place); a rerun with the same fingerprint resumes from the newest complete
   one, a changed config discards them;
 * the same optimizer arguments as the SFT engine (AdamW, warmup + decay, grad
@@ -36,7 +36,7 @@ _NOT_CURVES = {"step", "epoch", "total_flos", "train_runtime", "train_samples_pe
 def training_args(cfg, out_dir: Path, seed: int, steps: int, save: bool, run: str | None = None) -> dict[str, Any]:
     """Keyword arguments shared by every TRL ``*Config`` (they subclass TrainingArguments);
     ``run``: the ``--report-to`` run name (``tracking.run_name``), None: no reporting."""
-    from lmladder.engine.hf_train import common_args
+    from lmladder.training.hf_train import common_args
 
     save_steps = cfg.save_steps or max(1, steps // 5)
     return dict(
@@ -94,10 +94,10 @@ def run(
     from transformers import set_seed
 
     from lmladder import tracking
-    from lmladder.engine import sft
+    from lmladder.training import sft
 
     set_seed(seed)
-    from lmladder.engine.hf_train import total_steps
+    from lmladder.training.hf_train import total_steps
 
     steps = total_steps(cfg, len(train_dataset), rows_per_step)
     save = checkpoint_dir is not None and cfg.checkpoints and not sft.is_distributed()

@@ -84,7 +84,7 @@ class PairwiseJudge:
 
     ``scorer`` maps judge messages (user-message text) to (log p(A), log p(B)); the
     default renders each message through the judge's chat template and reads the
-    next-token log-probs (engine/scoring.py)."""
+    next-token log-probs (inference/scoring.py)."""
 
     def __init__(self, template: str, scorer: Scorer, name: str = "", instruction: str = ""):
         self.template, self.scorer, self.name, self.instruction = template, scorer, name, instruction
@@ -113,7 +113,7 @@ class PairwiseJudge:
 
 class LmScorer:
     """log p("A"), log p("B") as the judge's first answer token(s) after its chat template
-    (no system prompt: the template's default), scored in batches (engine/scoring.py)."""
+    (no system prompt: the template's default), scored in batches (inference/scoring.py)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 16):
         from lmladder.prompts import ChatFormat
@@ -125,7 +125,7 @@ class LmScorer:
         self.prompt_tokens = 0
 
     def __call__(self, messages: list[str]) -> list[tuple[float, float]]:
-        from lmladder.engine.scoring import loglikelihoods
+        from lmladder.inference.scoring import loglikelihoods
 
         ids = [self.fmt.encode(self.fmt.prompt(m)) for m in messages]
         self.prompt_tokens += sum(map(len, ids))
@@ -148,7 +148,7 @@ def validate(cfg) -> None:
     """The judge model exists (before any model work)."""
     if enabled(cfg) and cfg.judge.model:
         from lmladder import models
-        from lmladder.engine import openai_backend
+        from lmladder.inference import openai_backend
 
         if openai_backend.is_openai(cfg.judge.model):
             raise LadderError("judge.model: an openai: model cannot be a judge yet (it needs next-token log-probs)")

@@ -565,7 +565,7 @@ def step_plan(cfg, n_train: int, n_dev: int, global_batch: int, name: str, check
     rows with ``n_dev`` dev examples; LadderError when the checkpoints cannot hold the best
     evaluated step. Computed from counts alone, so ``SftRung.validate`` checks it before
     anything is written and ``train`` uses the same numbers."""
-    from lmladder.engine.hf_train import total_steps as count_steps
+    from lmladder.training.hf_train import total_steps as count_steps
 
     total = count_steps(cfg, n_train, global_batch)
     evaluate = n_dev > 0
@@ -621,7 +621,7 @@ def train(
     from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
     from lmladder import tracking
-    from lmladder.engine.hf_train import common_args
+    from lmladder.training.hf_train import common_args
 
     rank, world, _ = dist_env()
     micro, accum = split_global_batch(cfg.batch_size, cfg.grad_accum, world)

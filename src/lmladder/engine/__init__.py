@@ -1,1 +1,0 @@
-"""Shared machinery the rungs call: log-likelihood scoring and SFT data/training glue."""
