@@ -134,7 +134,7 @@ def load(url: str, reqs: list[tuple[str, list[dict]]], clients: int, max_tokens:
 def baseline(spec: str, msgs_list: list[list[dict]], max_tokens: int):
     import torch
 
-    from lmladder.training.sft import eos_token_ids
+    from lmladder.prompts import eos_token_ids
     from lmladder.models import load_causal_lm
 
     model, tok, _ = load_causal_lm(spec)

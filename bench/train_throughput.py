@@ -35,6 +35,8 @@ Needs TRL: ``.venv/bin/pip install -c constraints.txt trl``.
 
 from __future__ import annotations
 
+from lmladder import prompts
+
 import argparse
 import json
 import os
@@ -63,7 +65,7 @@ def _features(tok, model, rows):
     from lmladder.prompts import ChatFormat, user_message
 
     fmt = ChatFormat(tok)
-    eos = sft.eos_token_ids(tok, model)
+    eos = prompts.eos_token_ids(tok, model)
     msgs = [user_message(INSTRUCTION, r["text"], labels=LABELS) for r in rows]
     feats = [sft.build_feature(fmt, m, r["label"], 1024, f"sst2:{i}", eos) for i, (m, r) in enumerate(zip(msgs, rows))]
     return msgs, feats
@@ -96,7 +98,7 @@ def eval_loss(model, tok, feats) -> float:
 def child(mode: str, a) -> dict:
     import torch
 
-    from lmladder.config import LoraConfig as LadderLora
+    from lmladder.rungs.lora import LoraConfig as LadderLora
     from lmladder.training import sft
     from lmladder.models import load_causal_lm
 

@@ -8,6 +8,8 @@ and the final LoRA weights.
 
 from __future__ import annotations
 
+from lmladder.run import distributed
+
 import json
 import os
 import sys
@@ -23,11 +25,11 @@ def main(out: str, batch_size: int = 4, grad_accum: int = 1, steps: int = 6) -> 
     from peft import LoraConfig as PeftLora, get_peft_model
 
     from conftest import make_model, make_tokenizer
-    from lmladder.config import LoraConfig
+    from lmladder.rungs.lora import LoraConfig
     from lmladder.training import sft
     from lmladder.prompts import ChatFormat
 
-    sft.init_distributed()
+    distributed.init_distributed()
     tok = make_tokenizer()
     fmt = ChatFormat(tok)
     model = make_model(len(tok), seed=0)
@@ -46,10 +48,10 @@ def main(out: str, batch_size: int = 4, grad_accum: int = 1, steps: int = 6) -> 
     cfg = LoraConfig(lr=5e-3, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum,
                      warmup_ratio=0.0, dropout=0.0)
     stats = sft.train(pm, tok, feats, [a for _, a in data], cfg, Path(out).parent / f"work-{os.getpid()}", 0)
-    if sft.is_main():
+    if distributed.is_main():
         weights = {n: p.detach().cpu().flatten().tolist() for n, p in pm.named_parameters() if p.requires_grad}
         Path(out).write_text(json.dumps({"stats": stats, "weights": weights}))
-    sft.barrier()
+    distributed.barrier()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from lmladder.training import sft
 from lmladder.prompts import ChatFormat
 from lmladder.tasks import make_task
 from lmladder.tasks.base import continuations
+from lmladder import prompts
 from tests.conftest import make_tokenizer, write_jsonl
 
 # Qwen3's template, reduced to what matters here: the last assistant turn gets an empty
@@ -45,7 +46,7 @@ def _trained_ids(fmt, msg, answer, eos):
 def test_scored_continuation_is_the_trained_one_on_a_thinking_template():
     tok = make_tokenizer(QWEN3_LIKE)
     fmt = ChatFormat(tok)
-    eos = sft.eos_token_ids(tok)
+    eos = prompts.eos_token_ids(tok)
     task = _task(["negative", "positive"])
     msg = task.user_message("a fine film")
     got = continuations(task, fmt, msg, ["positive"], eos)[0]
@@ -58,7 +59,7 @@ def test_scored_continuation_is_the_trained_one_on_a_thinking_template():
 def test_scored_continuation_on_chatml_ends_with_end_of_turn(tiny):
     _, tok = tiny
     fmt = ChatFormat(tok)
-    eos = sft.eos_token_ids(tok)
+    eos = prompts.eos_token_ids(tok)
     task = _task(["1", "10"])
     msg = task.user_message("x")
     c1, c10 = continuations(task, fmt, msg, ["1", "10"], eos)
@@ -75,7 +76,7 @@ def test_plain_prompt_text_and_continuation(tiny):
         "# General instructions\nClassify the input.\nAnswer with exactly one of: negative, positive.\n\n"
         "# Target question\nInput: a fine film\nLabel:"
     )
-    (c,) = continuations(task, fmt, msg, ["positive"], sft.eos_token_ids(tok))
+    (c,) = continuations(task, fmt, msg, ["positive"], prompts.eos_token_ids(tok))
     assert tok.decode(c) == " positive\n"
 
 
@@ -87,13 +88,13 @@ def test_multiple_choice_plain_is_lm_eval_style(tiny):
     ex = Example(id="q", input="Water is?", label="1", source="t:2", target=1, choices=["dry", "wet"])
     msg = task.plain_message(ex, [shot])
     assert fmt.prompt(msg) == "Question: Sun is a?\nAnswer: star\n\nQuestion: Water is?\nAnswer:"
-    cs = continuations(task, fmt, msg, ex.choices, sft.eos_token_ids(tok))
+    cs = continuations(task, fmt, msg, ex.choices, prompts.eos_token_ids(tok))
     assert [tok.decode(c) for c in cs] == [" dry", " wet"]
     # chat: the choices are listed and each full answer is scored through end-of-turn
     chat = ChatFormat(tok)
     m = task.user_message(ex)
     assert "A. dry\nB. wet" in m
-    assert tok.decode(continuations(task, chat, m, ex.choices, sft.eos_token_ids(tok))[1]) == "wet<|im_end|>"
+    assert tok.decode(continuations(task, chat, m, ex.choices, prompts.eos_token_ids(tok))[1]) == "wet<|im_end|>"
 
 
 def test_scores_equal_hand_computed_label_plus_end_of_turn(tiny):
@@ -104,7 +105,7 @@ def test_scores_equal_hand_computed_label_plus_end_of_turn(tiny):
     task = _task(["1", "10"])
     msgs = [task.user_message(f"item {i}") for i in range(3)]
     preds, _ = task.predict(model, fmt, msgs)
-    eos = sft.eos_token_ids(tok)
+    eos = prompts.eos_token_ids(tok)
     for m, p in zip(msgs, preds):
         prompt = fmt.encode(fmt.prompt(m))
         for label in ("1", "10"):

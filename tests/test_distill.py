@@ -11,6 +11,7 @@ import pytest
 from conftest import TRAIN_ROWS, write_jsonl
 from lmladder.data import Example
 from lmladder.rungs.distill import answer_text
+from lmladder import prompts
 
 # the scripted teacher: the opposite of the gold label, no answer for two rows (dropped)
 TEACHER = '''
@@ -229,7 +230,7 @@ def _answer_kl(model, fmt, messages, answers, teacher, tfmt):
     for m, a in zip(messages, answers):
         logps = []
         for mdl, f in ((teacher, tfmt), (model, fmt)):
-            feat = sft.build_feature(f, m, a, 10 ** 6, "", sft.eos_token_ids(f.tokenizer, mdl))
+            feat = sft.build_feature(f, m, a, 10 ** 6, "", prompts.eos_token_ids(f.tokenizer, mdl))
             n = sum(1 for t in feat.labels if t != sft.IGNORE)
             with torch.no_grad():
                 logits = mdl(input_ids=torch.tensor([feat.input_ids])).logits[0, -(n + 1):-1].float()

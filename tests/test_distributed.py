@@ -16,6 +16,7 @@ import pytest
 
 from lmladder.training import sft
 from lmladder.errors import LadderError
+from lmladder.run import distributed
 
 HERE = Path(__file__).resolve().parent
 TOL = 1e-4
@@ -64,14 +65,14 @@ def _launch(args: list[str], cwd: Path, nproc: int | None, timeout: float = 180)
      (2, 4, 2, (2, 2)), (4, 2, 4, (2, 1)), (6, 1, 3, (2, 1)), (1, 8, 4, (1, 2))],
 )
 def test_split_global_batch_keeps_the_global_batch(bs, ga, world, want):
-    micro, accum = sft.split_global_batch(bs, ga, world)
+    micro, accum = distributed.split_global_batch(bs, ga, world)
     assert (micro, accum) == want
     assert micro * accum * world == bs * ga and micro <= bs
 
 
 def test_split_global_batch_that_does_not_divide_is_a_clear_error():
     with pytest.raises(LadderError, match=r"lora.batch_size x lora.grad_accum = 3 x 1 = 3 .* not divisible by the 2 processes"):
-        sft.split_global_batch(3, 1, 2)
+        distributed.split_global_batch(3, 1, 2)
 
 
 def test_global_batch_sampler_is_deterministic_and_covers_every_example():

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import write_jsonl
-from lmladder.config import DataConfig, DpoConfig, EvalConfig, TaskConfig
+from lmladder.config import DataConfig, EvalConfig, TaskConfig
+from lmladder.rungs.dpo import DpoConfig
 from lmladder.data import read_examples
 from lmladder.errors import LadderError
 from lmladder.tasks.preference import PreferenceTask, pair_prediction
@@ -80,7 +81,7 @@ def test_collated_batch_masks_exactly_the_responses_and_end_of_turn(tiny, tmp_pa
     from peft import LoraConfig, get_peft_model
     from trl import DPOConfig
 
-    from lmladder.training.sft import eos_token_ids
+    from lmladder.prompts import eos_token_ids
     from lmladder.prompts import ChatFormat
     from lmladder.rungs.dpo import dpo_args, end_of_turn_id, pair_rows, trainer_class
 

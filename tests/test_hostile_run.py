@@ -222,12 +222,12 @@ def test_killed_force_rerun_never_leaves_results_without_their_files(toy_data, t
 
 def _ctx_for(name, tmp_path, tiny_dir):
     from lmladder import config as C
-    from lmladder import rungs as rung_mod
+    from lmladder import registry
     from lmladder.data import Dataset, Example
     from lmladder.run.ladder import Context
     from lmladder.tasks import make_task
 
-    cls = rung_mod.get(name)
+    cls = registry.get(name)
     kind = "classification" if "classification" in cls.kinds else cls.kinds[0]
     if kind == "preference":
         mk = lambda i, s: Example(id=f"{s}{i}", input=f"question {i}?", label="yes good", target=True,  # noqa: E731
@@ -255,9 +255,9 @@ def _same(model, before) -> bool:
 
 
 def _all_rungs():
-    from lmladder import rungs as rung_mod
+    from lmladder import registry
 
-    return sorted(rung_mod.RUNGS)
+    return sorted(registry.RUNGS)
 
 
 @pytest.mark.parametrize("name", _all_rungs())
@@ -265,9 +265,9 @@ def test_every_rung_closes_cleanly_after_any_failed_step(name, tmp_path, tiny_di
     """close() before prepare, after prepare raised, and (rungs that train) after fit raised
     mid-training: never raises, and the shared base comes back with the same weights and
     no adapter modules in it."""
-    from lmladder import rungs as rung_mod
+    from lmladder import registry
 
-    cls = rung_mod.get(name)
+    cls = registry.get(name)
     ctx, cfg = _ctx_for(name, tmp_path, tiny_dir)
     base, _ = ctx.base()
     before, grads = _state(base), [p.requires_grad for p in base.parameters()]

@@ -1,3 +1,5 @@
+
+from lmladder import prompts
 """Integration tests on the real embedded model (SmolLM2-135M-Instruct, offline).
 
 Budget: about a minute on 2 cores once the GGUF has been converted (the first
@@ -44,7 +46,7 @@ def test_smollm2_loss_mask_and_pad(smol):
     model, tok, _ = smol
     assert tok.pad_token_id != tok.eos_token_id  # pad moved off EOS (<|im_end|>)
     fmt = ChatFormat(tok)
-    f = sft.build_feature(fmt, "Input: great\nLabel:", "positive", 512, "x:1", sft.eos_token_ids(tok, model))
+    f = sft.build_feature(fmt, "Input: great\nLabel:", "positive", 512, "x:1", prompts.eos_token_ids(tok, model))
     trained = [t for t in f.labels if t != -100]
     assert tok.decode(trained) == "positive<|im_end|>"
     assert trained[-1] == tok.eos_token_id

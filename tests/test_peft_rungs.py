@@ -107,7 +107,7 @@ def _state(model):
 def test_close_restores_the_shared_base_bit_for_bit(name, tiny_dir, tiny64_dir, toy_data, tmp_path):
     from lmladder import config
     from lmladder.run import ladder
-    from lmladder import rungs as rung_mod
+    from lmladder import registry
     from lmladder.tasks import make_task
 
     train, test = toy_data
@@ -122,7 +122,7 @@ def test_close_restores_the_shared_base_bit_for_bit(name, tiny_dir, tiny64_dir, 
     names = [n for n, _ in model.named_parameters()]
     with torch.no_grad():
         before = model(input_ids=x).logits.clone()
-    rung = rung_mod.get(name)(ctx, cfg.rung_config(name), tmp_path / name)
+    rung = registry.get(name)(ctx, cfg.rung_config(name), tmp_path / name)
     rung.prepare()
     stats = rung.fit()
     assert "forgetting" not in stats  # disabled by forgetting_text: null

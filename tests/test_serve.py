@@ -120,7 +120,7 @@ def _http(server, method, path, key=KEY, **kw):
 
 def direct(refs, model, msgs, max_new):
     """(text, finish_reason, n_tokens) from model.generate on the same chat-template prompt."""
-    from lmladder.training.sft import eos_token_ids
+    from lmladder.prompts import eos_token_ids
 
     models, tok = refs
     m = models["base" if model == "base" else model]

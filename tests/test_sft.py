@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lmladder.config import LoraConfig
+from lmladder.rungs.lora import LoraConfig
 from lmladder.training import sft
 from lmladder.errors import LadderError
 from lmladder.prompts import ChatFormat

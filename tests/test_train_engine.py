@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmladder.config import LoraConfig
+from lmladder.rungs.lora import LoraConfig
 from lmladder.training import sft
 from lmladder.errors import LadderError
 from lmladder.prompts import ChatFormat
+from lmladder import prompts
 
 from conftest import make_model, make_tokenizer
 
@@ -201,7 +202,7 @@ def test_packing_and_masks_on_smollm2():
 
     model, tok, _ = load_causal_lm("smollm2-135m")
     fmt = ChatFormat(tok)
-    eos = sft.eos_token_ids(tok, model)
+    eos = prompts.eos_token_ids(tok, model)
     feats = [sft.build_feature(fmt, m, a, 512, f"t:{i}", eos) for i, (m, a) in enumerate(zip(MSGS[:3], ANS[:3]))]
     for f, a in zip(feats, ANS):
         assert tok.decode([t for t in f.labels if t != -100]) == a + "<|im_end|>"

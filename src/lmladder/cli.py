@@ -287,7 +287,7 @@ def cmd_run(a) -> int:
     except ImportError:  # pragma: no cover
         pass
     results = ladder.run(cfg, out, force=a.force)
-    from lmladder.training.sft import is_main
+    from lmladder.run.distributed import is_main
 
     if is_main():  # under torchrun, one summary
         _summary(results, out)

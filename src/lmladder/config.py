@@ -2,8 +2,10 @@
 
 A YAML file, CLI flags and ``--set key=value`` overrides all map onto
 :class:`RunConfig`. Field descriptions double as ``--help`` text and docs.
-Rung configs live here too (one class per rung) so that a run's whole
-configuration is visible in one place and validated before any model work.
+The run-wide sections (data, task, eval, decision, cost, ladder, tracking, judge) live
+here; each rung's Config lives in its own file under rungs/ (on the shared bases of
+options.py), and RunConfig has one typed line per rung, so a run's whole configuration
+is still validated in one place before any model work.
 """
 
 from __future__ import annotations
@@ -14,20 +16,39 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from lmladder.errors import LadderError
+from lmladder.options import ConfigModel
+from lmladder.rungs.best_of_n import BestOfNConfig
+from lmladder.rungs.calibrated import CalibratedConfig
+from lmladder.rungs.constrained import ConstrainedConfig
+from lmladder.rungs.continued_pretraining import ContinuedPretrainingConfig
+from lmladder.rungs.cot import CotConfig
+from lmladder.rungs.distill import DistillConfig
+from lmladder.rungs.dpo import DpoConfig
+from lmladder.rungs.encoder import EncoderConfig
+from lmladder.rungs.few_shot import FewShotConfig
+from lmladder.rungs.full import FullConfig
+from lmladder.rungs.grpo import GrpoConfig
+from lmladder.rungs.ia3 import Ia3Config
+from lmladder.rungs.lora import LoraConfig
+from lmladder.rungs.prefix_tuning import PrefixTuningConfig
+from lmladder.rungs.prompt_search import PromptSearchConfig
+from lmladder.rungs.prompt_tuning import PromptTuningConfig
+from lmladder.rungs.qlora import QloraConfig
+from lmladder.rungs.rag import RagConfig
+from lmladder.rungs.reward_model import RewardModelConfig
+from lmladder.rungs.self_consistency import SelfConsistencyConfig
+from lmladder.rungs.tools import ToolsConfig
+from lmladder.rungs.zero_shot import ZeroShotConfig
 from lmladder.textfiles import DEFAULT_MAX_LINE_BYTES
-
-
-class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
 
 # --------------------------------------------------------------------------- data / task
 
 
-class DataConfig(_Config):
+class DataConfig(ConfigModel):
     train: str | None = Field(
         None,
         description="Train data: a JSONL, CSV or Parquet file; a folder written by datasets' save_to_disk "
@@ -119,6 +140,8 @@ class DataConfig(_Config):
     @classmethod
     def _template_valid(cls, v):
         if v is not None:
+            from lmladder.data import parse_template
+
             parse_template(v)
         return v
 
@@ -155,43 +178,12 @@ def field_defaults(kind: str, data: DataConfig | None = None) -> dict[str, str]:
     return out
 
 
-def parse_template(template: str) -> list[tuple[str, tuple[str, ...] | None]]:
-    """``data.input_template`` as [(literal text, field path or None)]; ValueError for what is
-    not a plain {field} / {dotted.path} placeholder."""
-    import string
-
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as e:
-        raise ValueError(f"not a valid template ({e}); write literal braces as {{{{ }}}}") from None
-    out: list[tuple[str, tuple[str, ...] | None]] = []
-    for literal, name, spec, conv in parsed:
-        if name is None:
-            out.append((literal, None))
-            continue
-        shown = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
-        if conv or spec:
-            raise ValueError(f"placeholder {shown}: conversions and format specs are not supported; use {{{name}}}")
-        if not name.strip():
-            raise ValueError("empty placeholder {}: name a field, e.g. {question}")
-        if "[" in name or "]" in name:
-            raise ValueError(f"placeholder {shown}: use dots for nested fields and list items, e.g. {{answers.0}}")
-        if name.isdigit():
-            raise ValueError(f"placeholder {shown}: name a field, e.g. {{question}}, not a position")
-        parts = tuple(name.split("."))
-        if any(not p for p in parts):
-            raise ValueError(f"placeholder {shown}: empty part in the dotted path")
-        out.append((literal, parts))
-    if not any(p for _, p in out):
-        raise ValueError("the template has no {field} placeholder")
-    return out
-
 
 
 TASK_KINDS = ("classification", "math", "qa", "extraction", "multiple-choice", "generation", "tagging", "preference")
 
 
-class TaskConfig(_Config):
+class TaskConfig(ConfigModel):
     kind: Literal[
         "classification", "math", "qa", "extraction", "multiple-choice", "generation", "tagging", "preference"
     ] = Field(
@@ -260,7 +252,7 @@ class TaskConfig(_Config):
         return v
 
 
-class EvalConfig(_Config):
+class EvalConfig(ConfigModel):
     batch_size: int = Field(16, ge=1, description="Rows per forward pass when scoring.")
     gen_batch_size: int = Field(8, ge=1, description="Sequences per batch when generating.")
     max_new_tokens: int = Field(
@@ -281,7 +273,7 @@ class EvalConfig(_Config):
 USD_PER_HOUR_DEFAULTS = {"cpu": 0.10, "cuda": 2.50, "mps": 0.10, "xpu": 2.50}
 
 
-class CostConfig(_Config):
+class CostConfig(ConfigModel):
     """Money: what a rung costs over a deployment of ``calls`` calls (rebuilds the report,
     reruns nothing)."""
 
@@ -301,7 +293,7 @@ class CostConfig(_Config):
     )
 
 
-class LadderConfig(_Config):
+class LadderConfig(ConfigModel):
     stop_at_target: bool = Field(
         False,
         description="Climb in order of expected cost and stop at the first rung that meets the target under "
@@ -309,7 +301,7 @@ class LadderConfig(_Config):
     )
 
 
-class DecisionConfig(_Config):
+class DecisionConfig(ConfigModel):
     """How the verdict reads the evidence (changing it rebuilds the report, reruns nothing)."""
 
     rule: Literal["point", "lower-bound"] = Field(
@@ -319,7 +311,7 @@ class DecisionConfig(_Config):
     )
 
 
-class TrackingConfig(_Config):
+class TrackingConfig(ConfigModel):
     """Experiment tracking through transformers' integrations (src/lmladder/tracking.py).
     Not part of any rung's fingerprint: changing it reruns nothing."""
 
@@ -356,455 +348,6 @@ class TrackingConfig(_Config):
 # --------------------------------------------------------------------------- rungs
 
 
-class _Constrainable(_Config):
-    constrained: bool = Field(
-        False,
-        description="Restrict decoding by a grammar (label set / answer regex / JSON Schema).",
-    )
-
-
-class _PromptFormat(_Constrainable):
-    prompt_format: Literal["chat", "plain", "auto"] = Field(
-        "auto",
-        description="chat (the model's chat template), plain (the prompt as plain text; lm-eval style "
-        "'Question: ...\\nAnswer:' for multiple-choice) or auto (label-scoring tasks: the better of the two "
-        "on a dev split carved from train; otherwise chat).",
-    )
-    calibrate: bool = Field(
-        False,
-        description="classification: contextual calibration (Zhao et al. 2021): divide out the label "
-        "distribution the prompt gives content-free inputs ('N/A', '', '[MASK]'); a fix for label bias.",
-    )
-
-
-class ZeroShotConfig(_PromptFormat):
-    """Instruction + input through the chat template; no examples."""
-
-
-class CalibratedConfig(_PromptFormat):
-    """zero-shot with contextual calibration."""
-
-    calibrate: bool = Field(True, description="Always true for this rung (it is zero-shot + calibration).")
-
-
-class FewShotConfig(_PromptFormat):
-    k: int | Literal["max"] = Field(
-        8, description="In-context examples; 'max' = as many as fit the context (many-shot)."
-    )
-    k_curve: list[int] | None = Field(
-        None, description="Would more examples help? Also score these smaller k (e.g. [1, 2, 4]) on the same test split."
-    )
-
-    @field_validator("k_curve")
-    @classmethod
-    def _k_curve(cls, v):
-        if v is not None and (not v or any(k < 1 for k in v)):
-            raise ValueError(f"k values must be >= 1, got {v}")
-        return sorted(set(v)) if v else v
-    balanced: bool = Field(True, description="Draw examples round-robin across labels.")
-    selection: Literal["random", "similar"] = Field(
-        "random", description="random (seeded) or similar (k nearest train inputs by embedding)."
-    )
-    embedder: str = Field(
-        "all-minilm-l6-v2", description="Sentence embedder for selection: similar (embedded name, path or hub id)."
-    )
-    context_window: int | None = Field(
-        None, ge=64, description="Token budget for many-shot prompts; default: the model's context length."
-    )
-
-    @field_validator("k")
-    @classmethod
-    def _k_positive(cls, v):
-        if isinstance(v, int) and v < 1:
-            raise ValueError("k must be >= 1 or 'max'")
-        return v
-
-
-class _Reasoning(_Constrainable):
-    prompt: str = Field(
-        "Think step by step, then give the final answer on the last line as 'Answer: <answer>'.",
-        description="Reasoning instruction appended to the task instruction.",
-    )
-    thinking: Literal["auto", "prompt", "native"] = Field(
-        "auto",
-        description="native = the chat template's thinking mode (enable_thinking); auto uses it when the template has one.",
-    )
-    max_new_tokens: int = Field(256, ge=1, description="Longest reasoning + answer generated.")
-
-
-class CotConfig(_Reasoning):
-    """Greedy chain-of-thought, answer taken from the final part."""
-
-
-class _Sampled(_Reasoning):
-    n: int = Field(8, ge=1, description="Samples per example.")
-    temperature: float = Field(0.7, gt=0, description="Sampling temperature.")
-    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling top-p.")
-
-
-class SelfConsistencyConfig(_Sampled):
-    """N sampled reasoning paths, majority vote on the extracted answer."""
-
-
-class BestOfNConfig(_Sampled):
-    n: int = Field(4, ge=1, description="Candidates per example.")
-    verifier: str = Field(
-        "auto",
-        description="auto = the task's programmatic checker when it has one, else an LM judge; "
-        "programmatic; judge; reward-model = the highest score of this run's reward-model rung "
-        "(it runs first); reward-model:<folder> = a saved reward model (rungs/reward-model/model).",
-    )
-    judge_model: str | None = Field(None, description="Judge model (default: the model itself).")
-    judge_mode: Literal["pointwise", "ranking"] = Field(
-        "pointwise", description="pointwise: score each candidate 1-10; ranking: pick the best of all at once."
-    )
-
-    @field_validator("verifier")
-    @classmethod
-    def _verifier_valid(cls, v: str) -> str:
-        if v in ("auto", "programmatic", "judge", "reward-model") or (v.startswith("reward-model:") and v[13:].strip()):
-            return v
-        raise ValueError("give auto, programmatic, judge, reward-model or reward-model:<folder>")
-
-
-class ConstrainedConfig(_Config):
-    engine: Literal["xgrammar", "llguidance"] = Field("xgrammar", description="Grammar engine.")
-    reasoning: bool = Field(False, description="Free reasoning first, then the constrained answer.")
-    max_new_tokens: int | None = Field(None, ge=1, description="Default: eval.max_new_tokens.")
-
-
-class RagConfig(_Constrainable):
-    corpus: str | None = Field(None, description="Passages: JSONL (id, text), a text file, or a folder of .txt/.md.")
-    text_field: str = Field("text", description="Corpus JSONL field with the passage text.")
-    id_field: str = Field("id", description="Corpus JSONL field with the passage id.")
-    chunk_words: int = Field(200, ge=10, description="Chunk size in words (long passages are split).")
-    chunk_overlap: int = Field(40, ge=0, description="Words shared by consecutive chunks.")
-    top_k: int = Field(3, ge=1, description="Passages put in the prompt.")
-    retriever: Literal["bm25", "dense", "hybrid"] = Field("hybrid", description="Retrieval method.")
-    rrf_k: int = Field(60, ge=1, description="Reciprocal-rank-fusion constant (hybrid).")
-    embedder: str = Field("all-minilm-l6-v2", description="Dense retrieval embedder.")
-    query_writing: bool = Field(False, description="Let the model write the search query first.")
-    gold_field: str | None = Field(
-        "doc_id", description="Test field with the gold passage id (for recall@k), if present."
-    )
-
-
-class ToolsConfig(_Config):
-    tools: list[str] = Field(
-        default_factory=lambda: ["calculator"],
-        description="Tools: built-in names (calculator) or Python callables 'module:function'.",
-    )
-    max_steps: int = Field(4, ge=1, description="Most tool calls per example.")
-    format: Literal["auto", "template", "json"] = Field(
-        "auto", description="template = the chat template's tool format; json = a JSON call line; auto picks."
-    )
-    max_new_tokens: int = Field(256, ge=1, description="Longest model turn.")
-
-
-class PromptSearchConfig(_Constrainable):
-    variants: list[str] | None = Field(None, description="Instruction variants to try (besides the task's).")
-    generate: int = Field(4, ge=0, description="Variants written by the model itself.")
-    dev_size: int = Field(64, ge=4, description="Dev examples carved (seeded) from train for the search.")
-
-
-def _check_curve(v):
-    if v is None:
-        return v
-    if not v or any(not (0 < f <= 1) for f in v):
-        raise ValueError(f"fractions must be in (0, 1], got {v}")
-    return sorted(set(float(f) for f in v) | {1.0})
-
-
-class OptimConfig(_Config):
-    """Fields shared by every weight-update rung: optimizer, steps, length, checkpoints, the
-    forgetting check (SFT rungs add packing / dev split in TrainConfig; alignment rungs
-    add their method's fields in AlignConfig)."""
-
-    from_: str | None = Field(
-        None,
-        alias="from",
-        description="Start from another rung's output model (e.g. continued-pretraining) instead "
-        "of the base model; that rung runs first.",
-    )
-
-    lr: float = Field(1e-4, gt=0, description="Peak learning rate (warmup, then decay).")
-    learning_curve: list[float] | None = Field(
-        None,
-        description="Would more data help? Also train on these fractions of train (seeded, nested subsets, "
-        "e.g. [0.25, 0.5]; 1.0 is the rung itself) and score each on the same test split.",
-    )
-    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = Field(
-        "linear", description="Learning-rate decay after warmup."
-    )
-    epochs: float = Field(1.0, gt=0, description="Passes over the train set.")
-    max_steps: int | None = Field(None, ge=1, description="Stop after N optimizer steps.")
-    batch_size: int = Field(8, ge=1, description="Sequences per optimizer micro-batch.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps used for warmup.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_length: int = Field(
-        1024, ge=8, description="Longest training sequence in tokens (see truncation)."
-    )
-    truncation: Literal["truncate", "error"] = Field(
-        "truncate",
-        description="A sequence longer than max_length: 'truncate' cuts the prompt from the "
-        "left (the answer is kept; counted in the report) or 'error' stops the run.",
-    )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in the backward pass (less memory, slower)."
-    )
-    save_steps: int | None = Field(
-        None, ge=1, description="Checkpoint every N steps (default: at every evaluation; about 5 per run without one)."
-    )
-    checkpoints: bool = Field(
-        True, description="Write resumable checkpoints to rungs/<rung>/checkpoints (kept until the rung ends)."
-    )
-    logging_steps: int | None = Field(
-        None, ge=1, description="Log the train loss every N steps (default: about 20 times per run)."
-    )
-    forgetting_text: str | None = Field(
-        "builtin",
-        description="JSONL file ({'text': ...} rows) for the forgetting check (perplexity before/after "
-        "training); 'builtin' = a WikiText-2 sample shipped with lmladder; null disables it.",
-    )
-    forgetting_max_tokens: int = Field(
-        4096, ge=16, description="Tokens of forgetting text to score (from the start of the file)."
-    )
-
-    @field_validator("learning_curve")
-    @classmethod
-    def _curve(cls, v):
-        return _check_curve(v)
-
-
-class TrainConfig(OptimConfig):
-    """Supervised fine-tuning rungs (lora, qlora, ia3, prompt/prefix tuning, full): packing and
-    the dev split with early stopping (training/sft.py)."""
-
-    epochs: float | None = Field(
-        None, gt=0,
-        description="Passes over the train set; default: from the data, at least 150 optimizer steps and at "
-        "most 3 epochs (one epoch when that is more than 150 steps).",
-    )
-    packing: bool = Field(
-        True,
-        description="Pack each micro-batch's sequences into rows without padding (position ids "
-        "restart per sequence, block-diagonal attention); off where the rung cannot pack.",
-    )
-    pack_length: int = Field(
-        2048, ge=8, description="Longest packed row in tokens (a longer sequence gets its own row)."
-    )
-    group_by_length: bool = Field(True, description="Batch sequences of similar length together.")
-    dev_fraction: float = Field(
-        0.1, ge=0, lt=1, description="Share of train held out (seeded) as a dev set for eval loss; 0 = none."
-    )
-    dev_max: int = Field(200, ge=1, description="At most this many dev examples.")
-    eval_steps: int | None = Field(
-        None, ge=1, description="Dev loss every N steps (default: about 5 times per run)."
-    )
-    early_stopping_patience: int | None = Field(
-        3, ge=1, description="Stop after N evaluations without a better dev score; null = never."
-    )
-    select_on: Literal["auto", "loss", "metric"] = Field(
-        "auto",
-        description="What picks the best checkpoint and early-stops: the task metric on the dev split (label "
-        "scoring; classification, multiple-choice) or the dev loss; auto = the metric where the task has one.",
-    )
-
-
-class LoraParams(_Config):
-    r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: str | list[str] = Field(
-        "all-linear", description="Modules to adapt (PEFT syntax)."
-    )
-
-
-class LoraConfig(TrainConfig, LoraParams):
-    pass
-
-
-class AlignConfig(OptimConfig, LoraParams):
-    """Alignment / RL rungs trained by a TRL trainer (dpo, reward-model, grpo): LoRA (r, alpha,
-    dropout, target_modules) or full. ``from:`` names a rung whose model (or LoRA / IA3
-    adapter, merged) is the starting point and, for dpo / grpo, the reference."""
-
-    method: Literal["lora", "full"] = Field("lora", description="Train a LoRA adapter or all weights.")
-    logging_steps: int | None = Field(1, ge=1, description="Log loss / rewards every N steps (curves in the report).")
-
-
-class DpoConfig(AlignConfig):
-    """dpo: Direct Preference Optimization on (prompt, chosen, rejected) pairs (TRL DPOTrainer)."""
-
-    beta: float = Field(0.1, gt=0, description="DPO beta (strength of the KL anchor to the reference).")
-    loss_type: Literal[
-        "sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "aot", "aot_unpaired",
-        "apo_zero", "apo_down", "discopop", "sigmoid_norm",
-    ] = Field("sigmoid", description="TRL DPO loss type (sigmoid = the DPO paper's; ipo, hinge, ...).")
-    lr: float = Field(5e-5, gt=0, description="Peak learning rate (LoRA; use ~5e-7..5e-6 for full).")
-    max_length: int = Field(
-        512, ge=8, description="Longest prompt + response (+ end of turn) in tokens; a longer pair has its prompt "
-        "cut from the left (counted; truncation: error stops instead)."
-    )
-    batch_size: int = Field(4, ge=1, description="Pairs per micro-batch.")
-
-
-class RewardModelConfig(AlignConfig):
-    """reward-model: a sequence-classification reward model on the pairs (TRL RewardTrainer);
-    saved merged in rungs/reward-model/model for best-of-n (verifier) and grpo (reward)."""
-
-    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
-    max_length: int = Field(
-        512, ge=8, description="Longest prompt+response in tokens (prompt cut from the left, see truncation)."
-    )
-    batch_size: int = Field(4, ge=1, description="Pairs per micro-batch.")
-    forgetting_text: str | None = Field(
-        None, description="Not used: a reward model is a classifier (no LM head to measure perplexity with)."
-    )
-
-
-class GrpoConfig(AlignConfig):
-    """grpo: RL from verifiable rewards (TRL GRPOTrainer)."""
-
-    rewards: list[str] = Field(
-        default_factory=lambda: ["builtin"],
-        description="Reward functions: 'builtin' (the task's: numeric answer for math, schema validity "
-        "for extraction, label match for classification), 'reward-model' (the reward-model rung's, or "
-        "reward-model:<folder>), or 'module:function' callables.",
-    )
-    reward_weights: list[float] | None = Field(
-        None, description="Weight of each reward in the sum (default: 1 each); one per entry of rewards."
-    )
-    num_generations: int = Field(4, ge=2, description="Completions per prompt (the group).")
-    max_completion_length: int = Field(128, ge=1, description="Longest completion in tokens.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the completions.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling top-p of the completions.")
-    beta: float = Field(0.0, ge=0, description="KL coefficient against the reference (0: no reference pass).")
-    lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
-    batch_size: int = Field(
-        4, ge=1, description="Completions per micro-batch; batch_size x grad_accum must be a multiple of num_generations."
-    )
-    max_length: int = Field(
-        512, ge=8, description="Longest prompt + completion in tokens (prompts cut from the left, see truncation)."
-    )
-    max_steps: int | None = Field(20, ge=1, description="Optimizer steps.")
-
-
-class DistillConfig(LoraConfig):
-    """distill: a teacher labels the train inputs; a LoRA student learns its outputs (SFT)."""
-
-    teacher: str = Field(
-        "few-shot",
-        description="Who labels the train inputs: a rung name of this run (e.g. self-consistency, "
-        "few-shot), 'model:<spec>' (another model, zero-shot), or 'module:function' (a callable "
-        "taking the Example list and returning answer texts).",
-    )
-    kd: Literal["sequence", "logits"] = Field(
-        "sequence",
-        description="sequence: SFT on the teacher's answers; logits: also match the teacher's token "
-        "distributions on them (teacher: zero-shot, few-shot or model:<spec> with the same vocabulary).",
-    )
-    kd_alpha: float = Field(
-        0.5, ge=0, le=1, description="kd: logits: weight of the KL term (1 - kd_alpha on the answer's cross-entropy)."
-    )
-    kd_temperature: float = Field(1.0, gt=0, description="kd: logits: softmax temperature of teacher and student.")
-    kd_top_k: int = Field(
-        20, ge=1, description="kd: logits: the teacher's top-k tokens kept per answer token (renormalised)."
-    )
-
-
-class QloraConfig(LoraConfig):
-    """LoRA on a base model loaded in 4-bit NF4 (bitsandbytes)."""
-
-    double_quant: bool = Field(True, description="Quantise the 4-bit scales too (bnb double quantisation).")
-
-
-class Ia3Config(TrainConfig):
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate (warmup, then decay).")
-    target_modules: str | list[str] | None = Field(
-        None, description="Modules to rescale (PEFT syntax; default: PEFT's per-architecture choice)."
-    )
-    feedforward_modules: str | list[str] | None = Field(
-        None, description="Which target modules are feed-forward (PEFT syntax; default: PEFT's)."
-    )
-
-
-class PromptTuningConfig(TrainConfig):
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate (warmup, then decay).")
-    num_virtual_tokens: int = Field(16, ge=1, description="Length of the learned soft prompt.")
-    init_from_instruction: bool = Field(
-        True, description="Initialise the soft prompt from the task instruction's token embeddings."
-    )
-
-
-class PrefixTuningConfig(TrainConfig):
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate (warmup, then decay).")
-    num_virtual_tokens: int = Field(16, ge=1, description="Learned key/value prefix length per layer.")
-    projection: bool = Field(
-        False, description="Reparameterise the prefix through an MLP (prefix_projection)."
-    )
-
-
-class FullConfig(TrainConfig):
-    lr: float = Field(2e-5, gt=0, description="Peak learning rate (warmup, then decay).")
-    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = Field(
-        "cosine", description="Learning-rate decay after warmup."
-    )
-
-
-class EncoderConfig(_Config):
-    """A separate encoder (not the causal LM) with a new classification / tagging head."""
-
-    model: str = Field(
-        "all-minilm-l6-v2",
-        description="Encoder: all-minilm-l6-v2 (embedded), a local HF folder or a hub id (safetensors only).",
-    )
-    lr: float = Field(5e-5, gt=0, description="Peak learning rate (linear decay after warmup).")
-    epochs: float = Field(3.0, gt=0, description="Passes over the train set.")
-    max_steps: int | None = Field(None, ge=1, description="Stop after N optimizer steps.")
-    batch_size: int = Field(16, ge=1, description="Examples per optimizer step.")
-    eval_batch_size: int = Field(64, ge=1, description="Examples per forward pass when predicting.")
-    max_length: int = Field(
-        128, ge=8, description="Longest input in sub-word tokens; longer inputs are truncated (counted)."
-    )
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps used for warmup.")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
-
-
-class ContinuedPretrainingConfig(_Config):
-    """Next-token training on raw domain text, then the task's zero-shot prompt."""
-
-    corpus: str | None = Field(
-        None,
-        description="Domain text: JSONL (one document per row), a .txt file (documents separated "
-        "by blank lines), or a folder of .txt/.md files (one document each).",
-    )
-    text_field: str = Field("text", description="Corpus JSONL field with the document text.")
-    method: Literal["lora", "full"] = Field(
-        "lora", description="lora (adapter, merged into the saved model) or full (every weight)."
-    )
-    block_size: int = Field(
-        512, ge=8, description="Tokens per training block (documents joined by EOS, then cut)."
-    )
-    max_documents: int | None = Field(
-        None, ge=1, description="Use at most the first N documents of the corpus."
-    )
-    lr: float = Field(1e-4, gt=0, description="Peak learning rate (linear decay after warmup).")
-    epochs: float = Field(1.0, gt=0, description="Passes over the corpus blocks.")
-    max_steps: int | None = Field(None, ge=1, description="Stop after N optimizer steps.")
-    batch_size: int = Field(4, ge=1, description="Blocks per micro-batch.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps used for warmup.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    r: int = Field(16, ge=1, description="LoRA rank (method: lora).")
-    alpha: int = Field(32, ge=1, description="LoRA alpha (method: lora).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout (method: lora).")
-    target_modules: str | list[str] = Field(
-        "all-linear", description="Modules to adapt (PEFT syntax; method: lora)."
-    )
-
-
 JUDGE_PROMPT = (
     "You are comparing two assistant responses to the same user message.\n\n"
     "# User message\n{prompt}\n\n"
@@ -815,7 +358,7 @@ JUDGE_PROMPT = (
 )
 
 
-class JudgeConfig(_Config):
+class JudgeConfig(ConfigModel):
     """preference: win rate of a rung's greedy responses against its starting model's, judged
     pairwise by an LM (both orders; inference/judge.py)."""
 
@@ -854,7 +397,7 @@ class JudgeConfig(_Config):
 # --------------------------------------------------------------------------- run
 
 
-class RunConfig(_Config):
+class RunConfig(ConfigModel):
     task: TaskConfig = Field(default_factory=TaskConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: str = Field(
@@ -930,7 +473,7 @@ class RunConfig(_Config):
             object.__setattr__(self, "data", resolved)  # not self.data = ...: that revalidates
         return self
 
-    def rung_config(self, name: str) -> _Config:
+    def rung_config(self, name: str) -> ConfigModel:
         base, _, _ = name.partition("@")
         cfg = getattr(self, base.replace("-", "_"))
         return _copy_config(cfg, self.copies[name], name) if name in self.copies else cfg
@@ -946,7 +489,7 @@ class RunConfig(_Config):
         return KINDS[self.task.kind].metric_names[0]
 
 
-def _copy_config(cfg: _Config, over: Any, name: str) -> _Config:
+def _copy_config(cfg: ConfigModel, over: Any, name: str) -> ConfigModel:
     """A rung section with a named copy's keys changed (validated like the section)."""
     if not isinstance(over, dict):
         raise ValueError(f"'{name}': give a mapping of {name.partition('@')[0]} keys")

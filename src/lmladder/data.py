@@ -26,13 +26,47 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-from lmladder.config import DataConfig, parse_template
 from lmladder.errors import LadderError, where
 from lmladder.textfiles import DEFAULT_MAX_LINE_BYTES, check_regular, human_bytes, iter_lines
 
+if TYPE_CHECKING:  # config.py imports the rungs, which read data: no import of config at run time
+    from lmladder.config import DataConfig
+
 log = logging.getLogger(__name__)
+
+
+def parse_template(template: str) -> list[tuple[str, tuple[str, ...] | None]]:
+    """``data.input_template`` as [(literal text, field path or None)]; ValueError for what is
+    not a plain {field} / {dotted.path} placeholder."""
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"not a valid template ({e}); write literal braces as {{{{ }}}}") from None
+    out: list[tuple[str, tuple[str, ...] | None]] = []
+    for literal, name, spec, conv in parsed:
+        if name is None:
+            out.append((literal, None))
+            continue
+        shown = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+        if conv or spec:
+            raise ValueError(f"placeholder {shown}: conversions and format specs are not supported; use {{{name}}}")
+        if not name.strip():
+            raise ValueError("empty placeholder {}: name a field, e.g. {question}")
+        if "[" in name or "]" in name:
+            raise ValueError(f"placeholder {shown}: use dots for nested fields and list items, e.g. {{answers.0}}")
+        if name.isdigit():
+            raise ValueError(f"placeholder {shown}: name a field, e.g. {{question}}, not a position")
+        parts = tuple(name.split("."))
+        if any(not p for p in parts):
+            raise ValueError(f"placeholder {shown}: empty part in the dotted path")
+        out.append((literal, parts))
+    if not any(p for _, p in out):
+        raise ValueError("the template has no {field} placeholder")
+    return out
 
 
 @dataclass

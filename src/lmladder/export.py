@@ -107,12 +107,12 @@ def check_rung(run: RunFolder, rung: str) -> None:
         if parent:  # its adapter belongs on the parent's model, not on the base
             raise LadderError(f"rung '{rung}' starts from {parent}'s model (from:); exporting a stacked rung is not supported yet")
         return
-    from lmladder import rungs as rung_mod
+    from lmladder import registry
 
     finished = ", ".join(run.finished) or "none"
-    if rung not in rung_mod.RUNGS:
+    if rung not in registry.RUNGS:
         raise LadderError(
-            f"unknown rung '{rung}' (known: {', '.join(rung_mod.RUNGS)}; finished in {run.dir}: {finished})"
+            f"unknown rung '{rung}' (known: {', '.join(registry.RUNGS)}; finished in {run.dir}: {finished})"
         )
     raise LadderError(f"rung '{rung}' is not finished in {run.dir} (no result.json; finished: {finished})")
 

@@ -196,3 +196,32 @@ def training_callback(name: str, tokens_per_step: float | None = None):
                          duration(time.perf_counter() - self.t0), loss)
 
     return TrainingLines()
+
+
+def quiet_progress(trainer, name: str = "train", tokens_per_step: float | None = None) -> None:
+    """Training progress on the main process, instead of transformers' printed dict per
+    logging step (the returned curves keep every value): on a terminal, transformers' bar
+    with the logged values (loss, reward, margin) on it; elsewhere (CI, nohup, a notebook)
+    a line every ``LMLADDER_PROGRESS_SECONDS`` (30) seconds: ``<name>: step s/total, loss,
+    tok/s, ETA`` (lmladder/progress.py). Whatever transformers' verbosity."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class QuietProgress(ProgressCallback):
+        KEYS = ("loss", "eval_loss", "reward", "rewards/margins", "rewards/accuracies", "accuracy")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                shown = {k.split("/")[-1]: f"{logs[k]:.3g}" for k in self.KEYS
+                         if isinstance(logs.get(k), (int, float))}
+                if shown:
+                    self.training_bar.set_postfix(shown, refresh=False)
+
+    for cb in list(trainer.callback_handler.callbacks):  # the notebook bar too (a ProgressCallback kin)
+        if isinstance(cb, (PrinterCallback, ProgressCallback)) or type(cb).__name__ == "NotebookProgressCallback":
+            trainer.remove_callback(cb)
+    if not trainer.is_world_process_zero():
+        return
+    if on_terminal():
+        trainer.add_callback(QuietProgress)
+    else:
+        trainer.add_callback(training_callback(name, tokens_per_step))

@@ -21,6 +21,8 @@ The message goes through the model's chat template; the answer is the assistant 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from lmladder.errors import LadderError
 from typing import Sequence
 
 
@@ -124,3 +126,28 @@ class ChatFormat:
             # prefix property; fall back to answer + EOS.
             return answer + eos
         return full[len(prompt):]
+
+
+def eos_token_ids(tokenizer, model=None) -> set[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.eos_token_id is not None:
+        e = gen.eos_token_id
+        ids.update(e if isinstance(e, (list, tuple)) else [e])
+    return ids
+
+
+def response_ids(fmt: ChatFormat, message: str, answer: str, eos_ids: set[int]) -> list[int]:
+    """The answer as the chat template renders it after the prompt, through the template's
+    end-of-turn token (the first of ``eos_ids``; EOS appended for a template without one):
+    what a model is trained on to answer and stop."""
+    tok = fmt.tokenizer
+    suffix_ids = tok(fmt.answer_suffix(message, answer), add_special_tokens=False).input_ids
+    cut = next((i for i, t in enumerate(suffix_ids) if t in eos_ids), None)
+    if cut is not None:
+        return suffix_ids[: cut + 1]
+    if tok.eos_token_id is None:  # template without an end-of-turn token: append EOS ourselves
+        raise LadderError("the tokenizer has no EOS token; cannot teach the model to stop")
+    return suffix_ids + [tok.eos_token_id]

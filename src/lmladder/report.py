@@ -86,7 +86,7 @@ def collect(run_dir: Path, calls: int | None = None) -> dict[str, Any]:
         else:
             state = {"name": name, "state": "not run"}
         states.append(state)
-    from lmladder.run.ladder import rung_class
+    from lmladder.registry import rung_class
 
     for s_ in states:  # where it would sit on the ladder (unknown rung classes: last)
         try:

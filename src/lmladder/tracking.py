@@ -131,7 +131,7 @@ def run_name(output_dir, fallback: str | None = None) -> str | None:
     s = _session
     if s is None or output_dir is None:
         return None
-    from lmladder.training.sft import is_main
+    from lmladder.run.distributed import is_main
 
     if not is_main():
         return None

@@ -35,15 +35,16 @@ from lmladder import data as data_mod
 from lmladder.config import RunConfig
 from lmladder.errors import LadderError
 from lmladder.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from lmladder.run import distributed
 
 log = logging.getLogger(__name__)
 
 
 def rung_class(name: str):
     """The rung class behind a rung name (``lora@cpt``, a named copy, is a ``lora``)."""
-    from lmladder import rungs as rung_mod
+    from lmladder import registry
 
-    return rung_mod.get(name.partition("@")[0])
+    return registry.rung_class(name)
 
 
 def parent_of(cfg: RunConfig, rung: str) -> str | None:
@@ -73,7 +74,7 @@ def run_order(cfg: RunConfig) -> list[str]:
 
 def _check_stacking(cfg: RunConfig) -> None:
     """``from:`` must name another rung of this run that produces a model; no cycles."""
-    from lmladder import rungs as rung_mod
+    from lmladder import registry
 
     for r in cfg.rungs:
         p = parent_of(cfg, r)
@@ -84,7 +85,7 @@ def _check_stacking(cfg: RunConfig) -> None:
         if p not in cfg.rungs:
             raise LadderError(f"{r}.from: '{p}' is not in rungs ({', '.join(cfg.rungs)}); add it to rungs")
         if not (rung_class(p).output_model or rung_class(p).mergeable):
-            makers = [n for n, c in rung_mod.RUNGS.items() if c.output_model or c.mergeable]
+            makers = [n for n, c in registry.RUNGS.items() if c.output_model or c.mergeable]
             raise LadderError(
                 f"{r}.from: rung '{p}' does not produce a model to start from (rungs that do: {', '.join(makers)})"
             )
@@ -244,20 +245,20 @@ class Context:
 
 def validate(cfg: RunConfig):
     """Every check that needs no model: rungs, metric, data. Raises LadderError."""
-    from lmladder import rungs as rung_mod
+    from lmladder import registry
     from lmladder.tasks import KINDS
 
     if not cfg.rungs:
         raise LadderError("no rungs to run (--rungs zero-shot,few-shot,lora)")
     for r in cfg.rungs:
-        if "@" in r and r.partition("@")[0] in rung_mod.RUNGS and r not in cfg.copies:
+        if "@" in r and r.partition("@")[0] in registry.RUNGS and r not in cfg.copies:
             raise LadderError(f"rung '{r}' is a named copy: give its changes in copies.{r}, e.g. from: ...")
-        if r.partition("@")[0] not in rung_mod.RUNGS:
+        if r.partition("@")[0] not in registry.RUNGS:
             import difflib
 
-            hint = difflib.get_close_matches(r, list(rung_mod.RUNGS), n=1)
+            hint = difflib.get_close_matches(r, list(registry.RUNGS), n=1)
             raise LadderError(
-                f"unknown rung '{r}' (known: {', '.join(rung_mod.RUNGS)})"
+                f"unknown rung '{r}' (known: {', '.join(registry.RUNGS)})"
                 + (f"; did you mean '{hint[0]}'?" if hint else "")
             )
     if len(set(cfg.rungs)) != len(cfg.rungs):
@@ -280,15 +281,14 @@ def validate(cfg: RunConfig):
             raise LadderError(
                 f"unknown metric '{m}' for {cfg.task.kind} (known: {', '.join(metric_names)})"
             )
-    from lmladder.training import sft
 
-    world = sft.dist_env()[1]
+    world = distributed.dist_env()[1]
     for r in cfg.rungs:  # under N processes the global batch must split evenly
         rc = cfg.rung_config(r)
         if rung_class(r).trains and hasattr(rc, "batch_size") and hasattr(rc, "grad_accum"):
-            sft.split_global_batch(rc.batch_size, rc.grad_accum, world)
-        if rung_class(r).trains and sft.sharding_requested():
-            raise LadderError(sft.SHARDING_ERROR.format(what=" / ".join(sft.sharding_requested())))
+            distributed.split_global_batch(rc.batch_size, rc.grad_accum, world)
+        if rung_class(r).trains and distributed.sharding_requested():
+            raise LadderError(distributed.SHARDING_ERROR.format(what=" / ".join(distributed.sharding_requested())))
     dataset = data_mod.load(cfg.data, cfg.seed, cfg.task.labels, cfg.task.kind)
     for r in cfg.rungs:  # rung-specific checks that need no model (corpus, tools, schema...)
         check = getattr(rung_class(r), "validate", None)
@@ -315,7 +315,7 @@ class RunFolder:
 
 
 def read_run(run_dir: str | Path) -> RunFolder:
-    from lmladder import rungs as rung_mod
+    from lmladder import registry
 
     d = Path(run_dir)
     if not (d / "config.yaml").is_file():
@@ -325,7 +325,7 @@ def read_run(run_dir: str | Path) -> RunFolder:
         labels = list(json.loads((d / "data.json").read_text())["labels"])
     except (OSError, ValueError, KeyError):
         labels = list(cfg.task.labels or [])
-    rank = {n: c.cost_rank for n, c in rung_mod.RUNGS.items()}
+    rank = {n: c.cost_rank for n, c in registry.RUNGS.items()}
     rdir = d / "rungs"
     try:  # the fingerprints the run's config and data give: other results are stale
         expected = json.loads((d / "run.json").read_text()).get("fingerprints") or {}
@@ -357,18 +357,17 @@ def _materialise_once(spec: str) -> None:
     once instead of N racing conversions: global rank 0 first, then the first rank of
     every other node (a no-op when the cache is on a shared filesystem)."""
     from lmladder import models
-    from lmladder.training import sft
 
     ref = models.resolve(spec)
     if ref.kind not in ("embedded", "gguf"):
         return
-    rank, _, local_rank = sft.dist_env()
+    rank, _, local_rank = distributed.dist_env()
     if rank == 0:
         models.materialise(ref)
-    sft.barrier()
+    distributed.barrier()
     if local_rank == 0 and rank != 0:
         models.materialise(ref)
-    sft.barrier()
+    distributed.barrier()
 
 
 def _skip_decision(done: Path, fp: str, force: bool, name: str) -> bool:
@@ -507,18 +506,17 @@ def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
     attempt, a failed or interrupted one included."""
     from lmladder import report, tracking
     from lmladder.cost import Meter
-    from lmladder.training import sft
     from lmladder.tasks import make_task
 
-    distributed = sft.init_distributed()
-    main = sft.is_main()
+    multi = distributed.init_distributed()
+    main = distributed.is_main()
     if not main:  # one voice: the other ranks log warnings only
         logging.getLogger("lmladder").setLevel(logging.WARNING)
     if main:
         check_out_dir(out_dir)
     tracking.start(cfg, out_dir)  # --report-to: a missing backend package stops here (exit 2)
     dataset = validate(cfg)  # before anything is written (every rank validates)
-    if distributed:
+    if multi:
         _materialise_once(cfg.model)
     task = make_task(cfg.task, dataset.info["labels"], cfg.eval, cfg.seed, dataset)  # + gold/schema checks
     check_lengths(cfg, dataset, task)  # every input against the model's context (tokenizer only)
@@ -551,7 +549,7 @@ def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
         order = run_order(cfg)
         for i, name in enumerate(order):
             try:
-                _run_rung(ctx, name, force, main, distributed, Meter)
+                _run_rung(ctx, name, force, main, multi, Meter)
             except BaseException as e:
                 if main:
                     _record_failure(out_dir / "rungs" / name, ctx.fingerprint(name), e)
@@ -559,7 +557,7 @@ def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
             if main and i + 1 < len(order):
                 report.build(out_dir)  # the report follows the climb
             if cfg.ladder.stop_at_target and i + 1 < len(order):
-                met = sft.broadcast(_met_target(ctx, name) if main else None)
+                met = distributed.broadcast(_met_target(ctx, name) if main else None)
                 if met:
                     if main:
                         _record_skipped(out_dir, order[i + 1:], name, met)
@@ -576,8 +574,8 @@ def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
     finally:
         if lock is not None:
             lock.close()
-    results = sft.broadcast(results)
-    sft.shutdown_distributed()
+    results = distributed.broadcast(results)
+    distributed.shutdown_distributed()
     return results
 
 
@@ -783,9 +781,8 @@ def _prior_one_time(out_dir: Path, names: list[str]) -> float:
     return total
 
 
-def _run_rung(ctx: "Context", name: str, force: bool, main: bool, distributed: bool, Meter) -> None:
+def _run_rung(ctx: "Context", name: str, force: bool, main: bool, multi: bool, Meter) -> None:
     from lmladder.inference import judge as judge_mod
-    from lmladder.training import sft
 
     cfg, dataset, task, out_dir = ctx.cfg, ctx.data, ctx.task, ctx.run_dir
     cls = rung_class(name)
@@ -794,11 +791,11 @@ def _run_rung(ctx: "Context", name: str, force: bool, main: bool, distributed: b
     fp = ctx.fingerprint(name)
     done = rdir / "result.json"
     skip = _skip_decision(done, fp, force, name) if main else None
-    if sft.broadcast(skip):  # rank 0 decides for everyone
+    if distributed.broadcast(skip):  # rank 0 decides for everyone
         return
     if not main and not cls.trains:
         # inference rungs run on rank 0 only; wait for it (see docs/distributed.md)
-        sft.barrier()
+        distributed.barrier()
         return
     if main:
         # a finished result.json stays until its replacement is written (atomically)
@@ -819,7 +816,7 @@ def _run_rung(ctx: "Context", name: str, force: bool, main: bool, distributed: b
             preds, pinfo = rung.predict() if main else (None, None)
         trainable = rung.trainable_params()
     if not main:
-        sft.barrier()  # rank 0 evaluates and writes this rung
+        distributed.barrier()  # rank 0 evaluates and writes this rung
         return
     golds = [task.gold(e) for e in dataset.test]
     scores = task.score(golds, [p["pred"] for p in preds])
@@ -858,7 +855,7 @@ def _run_rung(ctx: "Context", name: str, force: bool, main: bool, distributed: b
     curve = None
     rc_ = cfg.rung_config(name)
     if getattr(rc_, "learning_curve", None) or getattr(rc_, "k_curve", None):
-        if distributed:
+        if multi:
             log.warning("%s: learning_curve is measured in single-process runs only; skipped", name)
         else:
             curve = _learning_curve(ctx, name, cls, parent, rdir, golds, scores[primary], preds, Meter, details)
@@ -912,5 +909,5 @@ def _run_rung(ctx: "Context", name: str, force: bool, main: bool, distributed: b
     log.info(
         "%s: %s %.3f [%.3f, %.3f]", name, primary, result["score"], *result["ci"]
     )
-    if distributed:
-        sft.barrier()
+    if multi:
+        distributed.barrier()

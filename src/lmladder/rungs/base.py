@@ -30,6 +30,16 @@ def apply_calibration(calibration: dict, labels: list[str], preds: list[dict]) -
     return out
 
 
+def validate_grammars(cfg, dataset, field: str, reasoning: bool) -> None:
+    """The task's grammars compile for every test example (constrained decoding), before
+    any model work: one-line LadderError naming ``field``."""
+    from lmladder.inference import constrain
+    from lmladder.tasks import make_task
+
+    task = make_task(cfg.task, dataset.info.get("labels") or cfg.task.labels or [], cfg.eval, cfg.seed, dataset)
+    constrain.validate_task_grammars(task, dataset.test, cfg.constrained.engine, reasoning, field=field)
+
+
 class Rung:
     name: ClassVar[str]
     cost_rank: ClassVar[float]  # position on the ladder: cheaper rungs first
@@ -111,8 +121,6 @@ class PromptRung(Rung):
                               f"not constrained); this run is {cfg.task.kind}"
                               + (" with constrained: true" if rc.constrained else ""))
         if rc.constrained:  # a grammar that does not compile: one line
-            from lmladder.rungs.cot import validate_grammars
-
             validate_grammars(cfg, dataset, f"{cls.name}.constrained", reasoning=False)
 
     # ------------------------------------------------------------------ calibration

@@ -33,6 +33,31 @@ from pathlib import Path
 
 from lmladder.rungs.cot import ReasoningRung, reasoning_predict
 from lmladder.rungs.self_consistency import _hashable
+from typing import Literal
+from pydantic import Field, field_validator
+from lmladder.options import SampledOptions
+
+
+class BestOfNConfig(SampledOptions):
+    n: int = Field(4, ge=1, description="Candidates per example.")
+    verifier: str = Field(
+        "auto",
+        description="auto = the task's programmatic checker when it has one, else an LM judge; "
+        "programmatic; judge; reward-model = the highest score of this run's reward-model rung "
+        "(it runs first); reward-model:<folder> = a saved reward model (rungs/reward-model/model).",
+    )
+    judge_model: str | None = Field(None, description="Judge model (default: the model itself).")
+    judge_mode: Literal["pointwise", "ranking"] = Field(
+        "pointwise", description="pointwise: score each candidate 1-10; ranking: pick the best of all at once."
+    )
+
+    @field_validator("verifier")
+    @classmethod
+    def _verifier_valid(cls, v: str) -> str:
+        if v in ("auto", "programmatic", "judge", "reward-model") or (v.startswith("reward-model:") and v[13:].strip()):
+            return v
+        raise ValueError("give auto, programmatic, judge, reward-model or reward-model:<folder>")
+
 
 POINTWISE = (
     "You are grading a candidate answer.\n\n"

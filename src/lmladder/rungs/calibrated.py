@@ -8,6 +8,14 @@ Three extra scored prompts, once (one-time cost); per call it costs what zero-sh
 from __future__ import annotations
 
 from lmladder.rungs.zero_shot import ZeroShot
+from pydantic import Field
+from lmladder.options import PromptFormatOptions
+
+
+class CalibratedConfig(PromptFormatOptions):
+    """zero-shot with contextual calibration."""
+
+    calibrate: bool = Field(True, description="Always true for this rung (it is zero-shot + calibration).")
 
 
 class Calibrated(ZeroShot):

@@ -12,7 +12,16 @@ one-line error naming the example.
 from __future__ import annotations
 
 from lmladder.rungs.base import Rung
-from lmladder.rungs.cot import validate_grammars
+from lmladder.rungs.base import validate_grammars
+from typing import Literal
+from pydantic import Field
+from lmladder.options import ConfigModel
+
+
+class ConstrainedConfig(ConfigModel):
+    engine: Literal["xgrammar", "llguidance"] = Field("xgrammar", description="Grammar engine.")
+    reasoning: bool = Field(False, description="Free reasoning first, then the constrained answer.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Default: eval.max_new_tokens.")
 
 
 class Constrained(Rung):

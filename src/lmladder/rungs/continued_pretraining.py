@@ -31,6 +31,44 @@ from typing import Any
 from lmladder.errors import LadderError, where
 from lmladder.io import atomic_dir
 from lmladder.rungs.base import Rung
+from typing import Literal
+from pydantic import Field
+from lmladder.options import ConfigModel
+from lmladder.run import distributed
+
+
+class ContinuedPretrainingConfig(ConfigModel):
+    """Next-token training on raw domain text, then the task's zero-shot prompt."""
+
+    corpus: str | None = Field(
+        None,
+        description="Domain text: JSONL (one document per row), a .txt file (documents separated "
+        "by blank lines), or a folder of .txt/.md files (one document each).",
+    )
+    text_field: str = Field("text", description="Corpus JSONL field with the document text.")
+    method: Literal["lora", "full"] = Field(
+        "lora", description="lora (adapter, merged into the saved model) or full (every weight)."
+    )
+    block_size: int = Field(
+        512, ge=8, description="Tokens per training block (documents joined by EOS, then cut)."
+    )
+    max_documents: int | None = Field(
+        None, ge=1, description="Use at most the first N documents of the corpus."
+    )
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (linear decay after warmup).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the corpus blocks.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after N optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Blocks per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps used for warmup.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    r: int = Field(16, ge=1, description="LoRA rank (method: lora).")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (method: lora).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout (method: lora).")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules to adapt (PEFT syntax; method: lora)."
+    )
+
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +208,7 @@ class ContinuedPretraining(Rung):
     def fit(self) -> dict[str, Any]:
         from transformers import AutoModelForCausalLM, set_seed
 
-        from lmladder.training import hf_train, sft
+        from lmladder.training import hf_train
 
         base, tok = self.ctx.base()
         fp = self.ctx.fingerprint(self.name, training=True)
@@ -205,7 +243,7 @@ class ContinuedPretraining(Rung):
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model
-        if sft.is_main():  # under torchrun only rank 0 writes
+        if distributed.is_main():  # under torchrun only rank 0 writes
             with atomic_dir(self.model_dir) as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
                 tok.save_pretrained(tmp)

@@ -16,7 +16,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from lmladder.rungs.base import Rung
+from lmladder.rungs.base import Rung, validate_grammars
+from lmladder.options import ReasoningOptions
+
+
+class CotConfig(ReasoningOptions):
+    """Greedy chain-of-thought, answer taken from the final part."""
+
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +94,6 @@ def validate_reasoning(cfg, dataset, rung_cfg, field: str) -> None:
         raise LadderError(f"{field}: needs text generation, which the openai: backend does not offer yet")
     if getattr(rung_cfg, "constrained", False):
         validate_grammars(cfg, dataset, f"{field}.constrained", reasoning=True)
-
-
-def validate_grammars(cfg, dataset, field: str, reasoning: bool) -> None:
-    from lmladder.inference import constrain
-    from lmladder.tasks import make_task
-
-    task = make_task(cfg.task, dataset.info.get("labels") or cfg.task.labels or [], cfg.eval, cfg.seed, dataset)
-    constrain.validate_task_grammars(task, dataset.test, cfg.constrained.engine, reasoning, field=field)
 
 
 class ReasoningRung(Rung):

@@ -65,6 +65,35 @@ from lmladder.errors import LadderError
 from lmladder.io import atomic_write_jsonl
 from lmladder.plugins import load_callable, source_digest
 from lmladder.rungs.lora import Lora
+from typing import Literal
+from pydantic import Field
+from lmladder.rungs.lora import LoraConfig
+from lmladder.run import distributed
+from lmladder import prompts
+
+
+class DistillConfig(LoraConfig):
+    """distill: a teacher labels the train inputs; a LoRA student learns its outputs (SFT)."""
+
+    teacher: str = Field(
+        "few-shot",
+        description="Who labels the train inputs: a rung name of this run (e.g. self-consistency, "
+        "few-shot), 'model:<spec>' (another model, zero-shot), or 'module:function' (a callable "
+        "taking the Example list and returning answer texts).",
+    )
+    kd: Literal["sequence", "logits"] = Field(
+        "sequence",
+        description="sequence: SFT on the teacher's answers; logits: also match the teacher's token "
+        "distributions on them (teacher: zero-shot, few-shot or model:<spec> with the same vocabulary).",
+    )
+    kd_alpha: float = Field(
+        0.5, ge=0, le=1, description="kd: logits: weight of the KL term (1 - kd_alpha on the answer's cross-entropy)."
+    )
+    kd_temperature: float = Field(1.0, gt=0, description="kd: logits: softmax temperature of teacher and student.")
+    kd_top_k: int = Field(
+        20, ge=1, description="kd: logits: the teacher's top-k tokens kept per answer token (renormalised)."
+    )
+
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +128,7 @@ def answer_text(task, example, pred) -> str | None:
 
 def check_teacher(cfg, dataset, spec: str, field: str) -> None:
     """A teacher spec that cannot work: one-line LadderError, before any model work."""
-    from lmladder import rungs as rung_mod
+    from lmladder import registry
 
     spec = (spec or "").strip()
     if not spec:
@@ -119,17 +148,17 @@ def check_teacher(cfg, dataset, spec: str, field: str) -> None:
     if kind == "callable":
         load_callable(spec, field)
         return
-    inference = ", ".join(n for n, c in rung_mod.RUNGS.items() if not c.trains)
+    inference = ", ".join(n for n, c in registry.RUNGS.items() if not c.trains)
     base = spec.partition("@")[0]
-    if base not in rung_mod.RUNGS:
-        hint = difflib.get_close_matches(base, list(rung_mod.RUNGS), n=1)
+    if base not in registry.RUNGS:
+        hint = difflib.get_close_matches(base, list(registry.RUNGS), n=1)
         raise LadderError(
             f"{field}: unknown teacher '{spec}' (an inference rung: {inference}; or model:<spec>; "
             f"or module:function)" + (f"; did you mean '{hint[0]}'?" if hint else "")
         )
     if "@" in spec and spec not in cfg.copies:
         raise LadderError(f"{field}: '{spec}' is a named copy: give its changes in copies.{spec}")
-    tcls = rung_mod.RUNGS[base]
+    tcls = registry.RUNGS[base]
     if issubclass(tcls, Distill):
         raise LadderError(f"{field}: a distill rung cannot be the teacher")
     if tcls.trains:
@@ -219,16 +248,16 @@ def teacher_topk(model, fmt, message: str, answer: str, student_feature, eos: se
 def teacher_extra(cfg, spec: str) -> dict:
     """What a teacher reads besides its name: a rung's config section and extra
     fingerprint, a callable's source file digest."""
-    from lmladder import rungs as rung_mod
+    from lmladder import registry
 
     spec = (spec or "").strip()
     kind = teacher_kind(spec)
     if kind == "callable":
         return {"teacher_source": source_digest(spec)}
     base = spec.partition("@")[0]
-    if kind == "rung" and base in rung_mod.RUNGS and ("@" not in spec or spec in cfg.copies):
+    if kind == "rung" and base in registry.RUNGS and ("@" not in spec or spec in cfg.copies):
         return {"teacher_config": cfg.rung_config(spec).model_dump(mode="json"),
-                "teacher_extra": rung_mod.RUNGS[base].fingerprint_extra(cfg)}
+                "teacher_extra": registry.RUNGS[base].fingerprint_extra(cfg)}
     return {}
 
 
@@ -296,11 +325,10 @@ class Distill(Lora):
         self._total = 0
 
     def fit(self) -> dict[str, Any]:
-        from lmladder.training import sft
 
         train = self.ctx.data.train
-        labels = self.teacher_labels() if sft.is_main() else None
-        labels = sft.broadcast(labels)  # rank 0 labels (or reads the cache) for every rank
+        labels = self.teacher_labels() if distributed.is_main() else None
+        labels = distributed.broadcast(labels)  # rank 0 labels (or reads the cache) for every rank
         answers, teacher = labels["answers"], labels["stats"]
         kept = [(e, a) for e, a in zip(train, answers) if a is not None]
         if not kept:
@@ -343,7 +371,6 @@ class Distill(Lora):
         """Per training feature, the teacher's top-k log-probs at its answer tokens: the run's
         model (adapter off) reading the teacher rung's prompt, or another model reading the
         zero-shot prompt."""
-        from lmladder.training import sft
         from lmladder.models import load_causal_lm
         from lmladder.prompts import ChatFormat
 
@@ -360,17 +387,17 @@ class Distill(Lora):
             messages = [task.user_message(e) for e in train]
             guard = None
         else:
-            from lmladder import rungs as rung_mod
+            from lmladder import registry
 
             view = _View(self._run_ctx, self._run_ctx.data.train, train)  # shots from the whole train split
-            rung = rung_mod.RUNGS[spec.partition("@")[0]](view, self.ctx.cfg.rung_config(spec), self.out_dir / "teacher")
+            rung = registry.RUNGS[spec.partition("@")[0]](view, self.ctx.cfg.rung_config(spec), self.out_dir / "teacher")
             rung.name = spec
             rung.prepare()
             messages = list(rung.messages)
             rung.close()
             model, fmt = student, self.ctx.fmt()
             guard = student.disable_adapter()  # the teacher is the model without the student's adapter
-        eos = sft.eos_token_ids(fmt.tokenizer, model)
+        eos = prompts.eos_token_ids(fmt.tokenizer, model)
         was_training = model.training
         model.eval()
         try:
@@ -517,10 +544,10 @@ class Distill(Lora):
 
     def _run_rung(self, spec: str):
         """The teacher rung's prepare / predict with the train split as its test split."""
-        from lmladder import rungs as rung_mod
+        from lmladder import registry
 
         cfg = self.ctx.cfg
-        tcls = rung_mod.RUNGS[spec.partition("@")[0]]
+        tcls = registry.RUNGS[spec.partition("@")[0]]
         tcfg = cfg.rung_config(spec)
         if getattr(tcfg, "selection", None) == "similar":
             log.warning("%s: teacher %s with selection: similar puts each train input among its own "

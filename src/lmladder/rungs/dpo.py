@@ -49,6 +49,28 @@ from typing import Any
 
 from lmladder.errors import LadderError
 from lmladder.rungs.sft_rung import LoraOrFullRung
+from typing import Literal
+from pydantic import Field
+from lmladder.options import AlignConfig
+from lmladder.run import distributed
+from lmladder import prompts
+
+
+class DpoConfig(AlignConfig):
+    """dpo: Direct Preference Optimization on (prompt, chosen, rejected) pairs (TRL DPOTrainer)."""
+
+    beta: float = Field(0.1, gt=0, description="DPO beta (strength of the KL anchor to the reference).")
+    loss_type: Literal[
+        "sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "aot", "aot_unpaired",
+        "apo_zero", "apo_down", "discopop", "sigmoid_norm",
+    ] = Field("sigmoid", description="TRL DPO loss type (sigmoid = the DPO paper's; ipo, hinge, ...).")
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate (LoRA; use ~5e-7..5e-6 for full).")
+    max_length: int = Field(
+        512, ge=8, description="Longest prompt + response (+ end of turn) in tokens; a longer pair has its prompt "
+        "cut from the left (counted; truncation: error stops instead)."
+    )
+    batch_size: int = Field(4, ge=1, description="Pairs per micro-batch.")
+
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +81,7 @@ def end_of_turn_id(fmt, eos_ids: set[int], message: str, answer: str) -> int:
     """The token the chat template ends an assistant answer with (the first EOS-like token
     after the answer, as training/sft.build_feature trains it); the tokenizer's EOS for a
     template without one."""
-    from lmladder.training.sft import response_ids
+    from lmladder.prompts import response_ids
 
     return response_ids(fmt, message, answer, eos_ids)[-1]
 
@@ -150,14 +172,13 @@ class Dpo(LoraOrFullRung):
     # ------------------------------------------------------------------ data
 
     def prepare(self) -> None:
-        from lmladder.training import sft
 
         task, fmt = self.ctx.task, self.ctx.fmt()
         model, tok = self.ctx.base()
         train = self.ctx.data.train
         if not train:
             raise LadderError(f"{self.name}: no training pairs (data.train is empty)")
-        eot = end_of_turn_id(fmt, sft.eos_token_ids(tok, model), task.train_message(train[0]), task.answer(train[0]))
+        eot = end_of_turn_id(fmt, prompts.eos_token_ids(tok, model), task.train_message(train[0]), task.answer(train[0]))
         self.rows, self.truncated, self.truncated_responses = pair_rows(
             task, fmt, train, eot, self.cfg.max_length, self.cfg.truncation, self.name)
         if self.truncated:
@@ -173,10 +194,9 @@ class Dpo(LoraOrFullRung):
     # ------------------------------------------------------------------ model hooks
 
     def base_for_training(self):
-        from lmladder.training import sft
 
         start = self.ctx.base()[0]
-        if sft.is_main():  # the reference of the held-out pairs (rank 0 evaluates): the start model
+        if distributed.is_main():  # the reference of the held-out pairs (rank 0 evaluates): the start model
             self.ref_test, _ = self.ctx.task.score_pairs(start, self.ctx.fmt(), self.messages, self.ctx.data.test,
                                                          desc=f"{self.name} reference")
         return super().base_for_training()

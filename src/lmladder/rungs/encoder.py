@@ -25,6 +25,29 @@ from typing import Any
 from lmladder.errors import LadderError
 from lmladder.io import atomic_dir
 from lmladder.rungs.base import Rung
+from pydantic import Field
+from lmladder.options import ConfigModel
+from lmladder.run import distributed
+
+
+class EncoderConfig(ConfigModel):
+    """A separate encoder (not the causal LM) with a new classification / tagging head."""
+
+    model: str = Field(
+        "all-minilm-l6-v2",
+        description="Encoder: all-minilm-l6-v2 (embedded), a local HF folder or a hub id (safetensors only).",
+    )
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate (linear decay after warmup).")
+    epochs: float = Field(3.0, gt=0, description="Passes over the train set.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after N optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Examples per optimizer step.")
+    eval_batch_size: int = Field(64, ge=1, description="Examples per forward pass when predicting.")
+    max_length: int = Field(
+        128, ge=8, description="Longest input in sub-word tokens; longer inputs are truncated (counted)."
+    )
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps used for warmup.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +200,7 @@ class Encoder(Rung):
     def fit(self) -> dict[str, Any]:
         from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding, set_seed
 
-        from lmladder.training import hf_train, sft
+        from lmladder.training import hf_train
 
         fp = self.ctx.fingerprint(self.name, training=True)
         stamp = self.model_dir / "lmladder_fingerprint.txt"
@@ -194,7 +217,7 @@ class Encoder(Rung):
         collator = (DataCollatorForTokenClassification(self.tok) if self.tagging
                     else DataCollatorWithPadding(self.tok))
         stats = hf_train.train(self.model, self.cfg, strip, collator, self.out_dir / ".trainer", seed)
-        if sft.is_main():  # under torchrun only rank 0 writes
+        if distributed.is_main():  # under torchrun only rank 0 writes
             with atomic_dir(self.model_dir) as tmp:
                 self.model.save_pretrained(tmp, safe_serialization=True)
                 self.tok.save_pretrained(tmp)

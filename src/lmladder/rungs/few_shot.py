@@ -30,6 +30,43 @@ import numpy as np
 from lmladder.errors import LadderError
 from lmladder.io import atomic_write_json
 from lmladder.rungs.base import PromptRung
+from typing import Literal
+from pydantic import Field, field_validator
+from lmladder.options import PromptFormatOptions
+
+
+class FewShotConfig(PromptFormatOptions):
+    k: int | Literal["max"] = Field(
+        8, description="In-context examples; 'max' = as many as fit the context (many-shot)."
+    )
+    k_curve: list[int] | None = Field(
+        None, description="Would more examples help? Also score these smaller k (e.g. [1, 2, 4]) on the same test split."
+    )
+
+    @field_validator("k_curve")
+    @classmethod
+    def _k_curve(cls, v):
+        if v is not None and (not v or any(k < 1 for k in v)):
+            raise ValueError(f"k values must be >= 1, got {v}")
+        return sorted(set(v)) if v else v
+    balanced: bool = Field(True, description="Draw examples round-robin across labels.")
+    selection: Literal["random", "similar"] = Field(
+        "random", description="random (seeded) or similar (k nearest train inputs by embedding)."
+    )
+    embedder: str = Field(
+        "all-minilm-l6-v2", description="Sentence embedder for selection: similar (embedded name, path or hub id)."
+    )
+    context_window: int | None = Field(
+        None, ge=64, description="Token budget for many-shot prompts; default: the model's context length."
+    )
+
+    @field_validator("k")
+    @classmethod
+    def _k_positive(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("k must be >= 1 or 'max'")
+        return v
+
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,16 @@ import copy
 from pathlib import Path
 
 from lmladder.rungs.sft_rung import SftRung
+from typing import Literal
+from pydantic import Field
+from lmladder.options import TrainConfig
+
+
+class FullConfig(TrainConfig):
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate (warmup, then decay).")
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate decay after warmup."
+    )
 
 
 class Full(SftRung):

@@ -48,6 +48,37 @@ from typing import Any
 
 from lmladder.errors import LadderError
 from lmladder.rungs.sft_rung import LoraOrFullRung
+from pydantic import Field
+from lmladder.options import AlignConfig
+from lmladder.run import distributed
+
+
+class GrpoConfig(AlignConfig):
+    """grpo: RL from verifiable rewards (TRL GRPOTrainer)."""
+
+    rewards: list[str] = Field(
+        default_factory=lambda: ["builtin"],
+        description="Reward functions: 'builtin' (the task's: numeric answer for math, schema validity "
+        "for extraction, label match for classification), 'reward-model' (the reward-model rung's, or "
+        "reward-model:<folder>), or 'module:function' callables.",
+    )
+    reward_weights: list[float] | None = Field(
+        None, description="Weight of each reward in the sum (default: 1 each); one per entry of rewards."
+    )
+    num_generations: int = Field(4, ge=2, description="Completions per prompt (the group).")
+    max_completion_length: int = Field(128, ge=1, description="Longest completion in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the completions.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling top-p of the completions.")
+    beta: float = Field(0.0, ge=0, description="KL coefficient against the reference (0: no reference pass).")
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(
+        4, ge=1, description="Completions per micro-batch; batch_size x grad_accum must be a multiple of num_generations."
+    )
+    max_length: int = Field(
+        512, ge=8, description="Longest prompt + completion in tokens (prompts cut from the left, see truncation)."
+    )
+    max_steps: int | None = Field(20, ge=1, description="Optimizer steps.")
+
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +139,13 @@ class Grpo(LoraOrFullRung):
     @classmethod
     def validate(cls, cfg, dataset) -> None:
         from lmladder import rewards
-        from lmladder.training import sft
 
         g = cfg.rung_config(cls.name)
         rewards.check(g.rewards, cfg.task.kind, cfg.rungs)
         if g.reward_weights is not None and len(g.reward_weights) != len(g.rewards):
             raise LadderError(f"grpo.reward_weights: {len(g.reward_weights)} weights for {len(g.rewards)} rewards "
                               f"({', '.join(g.rewards)}); give one per reward")
-        world = sft.dist_env()[1]
+        world = distributed.dist_env()[1]
         per_step = g.batch_size * g.grad_accum * world
         if per_step % g.num_generations:
             raise LadderError(

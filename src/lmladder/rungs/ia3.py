@@ -5,6 +5,18 @@ engine, checkpoints and forgetting check as lora (rungs/sft_rung.py)."""
 from __future__ import annotations
 
 from lmladder.rungs.sft_rung import SftRung
+from pydantic import Field
+from lmladder.options import TrainConfig
+
+
+class Ia3Config(TrainConfig):
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (warmup, then decay).")
+    target_modules: str | list[str] | None = Field(
+        None, description="Modules to rescale (PEFT syntax; default: PEFT's per-architecture choice)."
+    )
+    feedforward_modules: str | list[str] | None = Field(
+        None, description="Which target modules are feed-forward (PEFT syntax; default: PEFT's)."
+    )
 
 
 class Ia3(SftRung):

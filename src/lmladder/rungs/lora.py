@@ -14,6 +14,11 @@ and evaluates.
 from __future__ import annotations
 
 from lmladder.rungs.sft_rung import SftRung
+from lmladder.options import LoraParams, TrainConfig
+
+
+class LoraConfig(TrainConfig, LoraParams):
+    pass
 
 
 class Lora(SftRung):

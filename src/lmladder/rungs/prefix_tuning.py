@@ -6,6 +6,16 @@ scoring cache keeps the learned prefix."""
 from __future__ import annotations
 
 from lmladder.rungs.sft_rung import PromptLearningRung
+from pydantic import Field
+from lmladder.options import TrainConfig
+
+
+class PrefixTuningConfig(TrainConfig):
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (warmup, then decay).")
+    num_virtual_tokens: int = Field(16, ge=1, description="Learned key/value prefix length per layer.")
+    projection: bool = Field(
+        False, description="Reparameterise the prefix through an MLP (prefix_projection)."
+    )
 
 
 class PrefixTuning(PromptLearningRung):

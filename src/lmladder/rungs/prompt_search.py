@@ -18,6 +18,15 @@ from typing import Callable, Sequence
 from lmladder.errors import LadderError
 from lmladder.io import atomic_write_json
 from lmladder.rungs.base import Rung
+from pydantic import Field
+from lmladder.options import Constrainable
+
+
+class PromptSearchConfig(Constrainable):
+    variants: list[str] | None = Field(None, description="Instruction variants to try (besides the task's).")
+    generate: int = Field(4, ge=0, description="Variants written by the model itself.")
+    dev_size: int = Field(64, ge=4, description="Dev examples carved (seeded) from train for the search.")
+
 
 log = logging.getLogger(__name__)
 

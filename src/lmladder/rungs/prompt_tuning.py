@@ -7,6 +7,16 @@ shared-prefix scoring cache keeps the soft prompt."""
 from __future__ import annotations
 
 from lmladder.rungs.sft_rung import PromptLearningRung
+from pydantic import Field
+from lmladder.options import TrainConfig
+
+
+class PromptTuningConfig(TrainConfig):
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (warmup, then decay).")
+    num_virtual_tokens: int = Field(16, ge=1, description="Length of the learned soft prompt.")
+    init_from_instruction: bool = Field(
+        True, description="Initialise the soft prompt from the task instruction's token embeddings."
+    )
 
 
 class PromptTuning(PromptLearningRung):

@@ -10,6 +10,14 @@ from pathlib import Path
 
 from lmladder.errors import LadderError
 from lmladder.rungs.lora import Lora
+from pydantic import Field
+from lmladder.rungs.lora import LoraConfig
+
+
+class QloraConfig(LoraConfig):
+    """LoRA on a base model loaded in 4-bit NF4 (bitsandbytes)."""
+
+    double_quant: bool = Field(True, description="Quantise the 4-bit scales too (bnb double quantisation).")
 
 
 def _mb(model) -> float:

@@ -19,6 +19,26 @@ from lmladder.inference import retrieval
 from lmladder.errors import LadderError
 from lmladder.io import atomic_write_jsonl
 from lmladder.rungs.base import Rung
+from typing import Literal
+from pydantic import Field
+from lmladder.options import Constrainable
+
+
+class RagConfig(Constrainable):
+    corpus: str | None = Field(None, description="Passages: JSONL (id, text), a text file, or a folder of .txt/.md.")
+    text_field: str = Field("text", description="Corpus JSONL field with the passage text.")
+    id_field: str = Field("id", description="Corpus JSONL field with the passage id.")
+    chunk_words: int = Field(200, ge=10, description="Chunk size in words (long passages are split).")
+    chunk_overlap: int = Field(40, ge=0, description="Words shared by consecutive chunks.")
+    top_k: int = Field(3, ge=1, description="Passages put in the prompt.")
+    retriever: Literal["bm25", "dense", "hybrid"] = Field("hybrid", description="Retrieval method.")
+    rrf_k: int = Field(60, ge=1, description="Reciprocal-rank-fusion constant (hybrid).")
+    embedder: str = Field("all-minilm-l6-v2", description="Dense retrieval embedder.")
+    query_writing: bool = Field(False, description="Let the model write the search query first.")
+    gold_field: str | None = Field(
+        "doc_id", description="Test field with the gold passage id (for recall@k), if present."
+    )
+
 
 log = logging.getLogger(__name__)
 

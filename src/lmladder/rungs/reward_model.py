@@ -43,11 +43,29 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lmladder.training.sft import eos_token_ids as end_of_turn_ids  # the template's end-of-turn ids
-from lmladder.training.sft import response_ids
+from lmladder.prompts import eos_token_ids as end_of_turn_ids  # the template's end-of-turn ids
+from lmladder.prompts import response_ids
 from lmladder.errors import LadderError
 from lmladder.rungs.base import Rung
 from lmladder.tasks.preference import pair_prediction
+from pydantic import Field
+from lmladder.options import AlignConfig
+from lmladder.run import distributed
+
+
+class RewardModelConfig(AlignConfig):
+    """reward-model: a sequence-classification reward model on the pairs (TRL RewardTrainer);
+    saved merged in rungs/reward-model/model for best-of-n (verifier) and grpo (reward)."""
+
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    max_length: int = Field(
+        512, ge=8, description="Longest prompt+response in tokens (prompt cut from the left, see truncation)."
+    )
+    batch_size: int = Field(4, ge=1, description="Pairs per micro-batch.")
+    forgetting_text: str | None = Field(
+        None, description="Not used: a reward model is a classifier (no LM head to measure perplexity with)."
+    )
+
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +263,7 @@ class RewardModel(Rung):
         from transformers import set_seed
         from trl import RewardConfig, RewardTrainer
 
-        from lmladder.training import sft, trl_train
+        from lmladder.training import trl_train
         from lmladder.io import atomic_dir
 
         causal, tok = self.ctx.base()
@@ -255,8 +273,8 @@ class RewardModel(Rung):
         common = {"method": self.cfg.method, "from": self.cfg.from_, "truncated": self.truncated,
                   "pad_token_id": self.pad_id,
                   "forgetting_check": "not applicable: the reward model is a sequence classifier (no LM head)"}
-        if sft.broadcast(sft.is_main() and stamp.is_file() and stamp.read_text().strip() == fp):
-            if not sft.is_main():
+        if distributed.broadcast(distributed.is_main() and stamp.is_file() and stamp.read_text().strip() == fp):
+            if not distributed.is_main():
                 return {"reused_model": True}
             log.info("%s: reusing the trained reward model in %s", self.name, self.model_dir)
             self._load_saved()
@@ -273,16 +291,16 @@ class RewardModel(Rung):
                                    "rejected_ids": [r for _, r in self.train_pairs]})
         tok_copy = copy.deepcopy(tok)  # TRL sets pad on its tokenizer: leave the shared one alone
         tok_copy.pad_token = tok_copy.convert_ids_to_tokens(self.pad_id)
-        work = self.out_dir / ".trainer" if sft.is_main() else None
+        work = self.out_dir / ".trainer" if distributed.is_main() else None
         stats = trl_train.run(
             RewardTrainer, RewardConfig, model=model, cfg=self.cfg, train_dataset=train,
             processing_class=tok_copy, seed=self.ctx.cfg.seed, name=self.name,
-            checkpoint_dir=self.out_dir / "checkpoints" if sft.is_main() else None, fingerprint=fp, work_dir=work,
+            checkpoint_dir=self.out_dir / "checkpoints" if distributed.is_main() else None, fingerprint=fp, work_dir=work,
             method_args={"max_length": None, "remove_unused_columns": False, "dataset_num_proc": None},
         )
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
-        if not sft.is_main():  # under torchrun rank 0 saves and evaluates
+        if not distributed.is_main():  # under torchrun rank 0 saves and evaluates
             return stats
         if model.config.pad_token_id != self.pad_id:
             raise LadderError(f"reward-model: the trainer changed the pad token ({model.config.pad_token_id} != {self.pad_id})")

@@ -15,6 +15,11 @@ import json
 from typing import Any
 
 from lmladder.rungs.cot import ReasoningRung, reasoning_predict
+from lmladder.options import SampledOptions
+
+
+class SelfConsistencyConfig(SampledOptions):
+    """N sampled reasoning paths, majority vote on the extracted answer."""
 
 
 def _hashable(key: Any):

@@ -20,6 +20,8 @@ from typing import Any
 
 from lmladder.io import atomic_dir, atomic_write_json
 from lmladder.rungs.base import Rung
+from lmladder.run import distributed
+from lmladder import prompts
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ class SftRung(Rung):
         rc = cfg.rung_config(cls.name)
         if not hasattr(rc, "eval_steps") or dataset is None:
             return  # alignment rungs (TRL trainers) have no dev evaluation
-        world = sft.dist_env()[1]
+        world = distributed.dist_env()[1]
         _, dev = sft.carve_dev(len(dataset.train), rc.dev_fraction, rc.dev_max, cfg.seed)
         sft.step_plan(rc, len(dataset.train) - len(dev), len(dev), rc.batch_size * rc.grad_accum, cls.name,
                       checkpoints=rc.checkpoints and world == 1)
@@ -95,7 +97,7 @@ class SftRung(Rung):
 
         task, fmt = self.ctx.task, self.ctx.fmt()
         model, tok = self.ctx.base()
-        eos = sft.eos_token_ids(tok, model)
+        eos = prompts.eos_token_ids(tok, model)
         train = self.ctx.data.train
         self.answers = list(answers)
         self.features = [
@@ -158,15 +160,14 @@ class SftRung(Rung):
         import json
         import time
 
-        from lmladder.training import sft
 
         t_fit = time.perf_counter()
         _, tok = self.ctx.base()
-        main = sft.is_main()
+        main = distributed.is_main()
         fp = self.ctx.fingerprint(self.name, training=True)
         stamp = self.adapter_dir / "lmladder_fingerprint.txt"
         reuse = main and stamp.is_file() and stamp.read_text().strip() == fp
-        reuse = sft.broadcast(reuse)  # rank 0 decides; only it evaluates, so only it loads
+        reuse = distributed.broadcast(reuse)  # rank 0 decides; only it evaluates, so only it loads
         if reuse and not main:
             return {"reused_adapter": True}
         start = self.base_for_training()

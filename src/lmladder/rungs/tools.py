@@ -30,6 +30,22 @@ from lmladder import tools as tools_mod
 from lmladder.errors import LadderError
 from lmladder.io import atomic_write_jsonl
 from lmladder.rungs.base import Rung
+from typing import Literal
+from pydantic import Field
+from lmladder.options import ConfigModel
+
+
+class ToolsConfig(ConfigModel):
+    tools: list[str] = Field(
+        default_factory=lambda: ["calculator"],
+        description="Tools: built-in names (calculator) or Python callables 'module:function'.",
+    )
+    max_steps: int = Field(4, ge=1, description="Most tool calls per example.")
+    format: Literal["auto", "template", "json"] = Field(
+        "auto", description="template = the chat template's tool format; json = a JSON call line; auto picks."
+    )
+    max_new_tokens: int = Field(256, ge=1, description="Longest model turn.")
+
 
 FINAL = "When you are done, give the final answer on the last line as 'Answer: <answer>'."
 

@@ -4,6 +4,11 @@ text (``prompt_format``; ``auto`` picks the better on a dev split carved from tr
 from __future__ import annotations
 
 from lmladder.rungs.base import PromptRung
+from lmladder.options import PromptFormatOptions
+
+
+class ZeroShotConfig(PromptFormatOptions):
+    """Instruction + input through the chat template; no examples."""
 
 
 class ZeroShot(PromptRung):

@@ -23,7 +23,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
 
 from lmladder.serving.engine import Busy, Call, Engine, Job, Params, Row
 

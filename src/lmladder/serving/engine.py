@@ -148,7 +148,7 @@ class Engine:
         max_queue: int = 256,
         metrics=None,
     ):
-        from lmladder.training.sft import eos_token_ids
+        from lmladder.prompts import eos_token_ids
 
         self.base_model = model
         self.peft = None

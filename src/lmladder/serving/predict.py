@@ -103,9 +103,9 @@ class Predictor:
                                   f"(finished: {', '.join(run.finished) or 'none'})")
         self.rung = rung
         base = rung.partition("@")[0]
-        from lmladder import rungs as rung_mod
+        from lmladder import registry
 
-        if base not in rung_mod.RUNGS or ("@" in rung and rung not in self.cfg.copies):
+        if base not in registry.RUNGS or ("@" in rung and rung not in self.cfg.copies):
             raise LadderError(f"--rung {rung}: unknown rung (finished in {run.dir}: {', '.join(run.finished) or 'none'})")
         cls = ladder.rung_class(rung)
         self.rc = self.cfg.rung_config(rung)

@@ -49,7 +49,7 @@ def continuations(task, fmt, message: str, answers, eos_ids: set[int]) -> list[l
     tok = fmt.tokenizer
     if getattr(fmt, "plain", False):
         return [tok(fmt.answer_prefix() + a + task.plain_end, add_special_tokens=False).input_ids for a in answers]
-    from lmladder.training.sft import response_ids
+    from lmladder.prompts import response_ids
 
     return [response_ids(fmt, message, a, eos_ids) for a in answers]
 

@@ -72,7 +72,7 @@ class ClassificationTask(Task):
             return self._argmax(lls), info
 
         from lmladder.inference.scoring import loglikelihoods
-        from lmladder.training.sft import eos_token_ids
+        from lmladder.prompts import eos_token_ids
 
         tok = fmt.tokenizer
         prompt_ids = [fmt.encode(fmt.prompt(m)) for m in messages]

@@ -117,7 +117,7 @@ class MultipleChoiceTask(Task):
             return self._argmax(lls, examples), info
 
         from lmladder.inference.scoring import loglikelihoods
-        from lmladder.training.sft import eos_token_ids
+        from lmladder.prompts import eos_token_ids
 
         tok = fmt.tokenizer
         prompt_ids = [fmt.encode(fmt.prompt(m)) for m in messages]

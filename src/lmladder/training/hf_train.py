@@ -80,7 +80,7 @@ def train(model, cfg, rows: list[dict], collator, work_dir: Path, seed: int, **e
         **extra,
     )
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
-    from lmladder.training.sft import quiet_progress
+    from lmladder.progress import quiet_progress
 
     lens = [len(r["input_ids"]) for r in rows if isinstance(r, dict) and "input_ids" in r]
     per_step = sum(lens) / len(lens) * cfg.batch_size * getattr(cfg, "grad_accum", 1) if lens else None

@@ -45,121 +45,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from lmladder import progress
 from lmladder.errors import LadderError
-from lmladder.prompts import ChatFormat
+from lmladder.prompts import ChatFormat, response_ids
+from lmladder.run.distributed import SHARDING_ERROR, dist_env, sharding_requested, split_global_batch
 
 IGNORE = -100
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- distributed
-
-
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from the launcher's environment (torchrun, accelerate)."""
-    return (
-        int(os.environ.get("RANK", "0")),
-        int(os.environ.get("WORLD_SIZE", "1")),
-        int(os.environ.get("LOCAL_RANK", "0")),
-    )
-
-
-def is_distributed() -> bool:
-    return dist_env()[1] > 1
-
-
-def is_main() -> bool:
-    """Only global rank 0 writes files (adapter, predictions, results, report)."""
-    return dist_env()[0] == 0
-
-
-def init_distributed() -> bool:
-    """Initialise the process group early (before the model loads) when launched with
-    WORLD_SIZE > 1: gloo on CPU, NCCL on CUDA (and pin this process to its local GPU
-    so the model loads there). Trainer / accelerate reuse the group. The timeout covers
-    ranks waiting while rank 0 evaluates: ``LMLADDER_DIST_TIMEOUT`` seconds (default 4 h).
-    Returns True when running distributed."""
-    if not is_distributed():
-        return False
-    import datetime
-
-    import torch
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return True
-    _, _, local_rank = dist_env()
-    cuda = torch.cuda.is_available() and not os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    timeout = datetime.timedelta(seconds=float(os.environ.get("LMLADDER_DIST_TIMEOUT", 4 * 3600)))
-    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout)
-    return True
-
-
-def shutdown_distributed() -> None:
-    """Final barrier, then tear the process group down. A rank that exits with the group
-    still alive can abort in gloo's threads at interpreter exit (seen on a resume where
-    no rung trained), so every distributed run ends here."""
-    if not is_distributed():
-        return
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def barrier() -> None:
-    if is_distributed():
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.barrier()
-
-
-def broadcast(obj):
-    """``obj`` from rank 0 to every rank (picklable); identity when not distributed."""
-    if not is_distributed():
-        return obj
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def sharding_requested() -> list[str]:
-    """FSDP / DeepSpeed asked for by the launcher (accelerate's env); not supported yet."""
-    return [
-        name for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
-        if os.environ.get(env, "").lower() in ("1", "true")
-    ]
-
-
-SHARDING_ERROR = (
-    "lora: {what} sharding is not supported yet; launch with plain DDP (torchrun, or "
-    "accelerate launch without an FSDP/DeepSpeed config), see docs/distributed.md"
-)
-
-
-def split_global_batch(batch_size: int, grad_accum: int, world_size: int) -> tuple[int, int]:
-    """(per-device micro-batch, accumulation steps) so that micro x accum x world equals
-    the configured global batch ``batch_size x grad_accum``; the micro-batch is the
-    largest divisor not above ``batch_size`` (memory stays within the config's)."""
-    G = batch_size * grad_accum
-    if G % world_size:
-        raise LadderError(
-            f"lora.batch_size x lora.grad_accum = {batch_size} x {grad_accum} = {G} (the global "
-            f"batch) is not divisible by the {world_size} processes (WORLD_SIZE); choose a "
-            f"global batch that is a multiple of the number of processes"
-        )
-    per_rank = G // world_size
-    micro = max(d for d in range(1, min(batch_size, per_rank) + 1) if per_rank % d == 0)
-    return micro, per_rank // micro
 
 
 class GlobalBatchSampler:
@@ -213,31 +106,6 @@ class GlobalBatchSampler:
         epoch = self._epoch
         self._epoch += 1  # for loaders that never call set_epoch
         return iter(self.order(epoch))
-
-
-def eos_token_ids(tokenizer, model=None) -> set[int]:
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    gen = getattr(model, "generation_config", None)
-    if gen is not None and gen.eos_token_id is not None:
-        e = gen.eos_token_id
-        ids.update(e if isinstance(e, (list, tuple)) else [e])
-    return ids
-
-
-def response_ids(fmt: ChatFormat, message: str, answer: str, eos_ids: set[int]) -> list[int]:
-    """The answer as the chat template renders it after the prompt, through the template's
-    end-of-turn token (the first of ``eos_ids``; EOS appended for a template without one):
-    what a model is trained on to answer and stop."""
-    tok = fmt.tokenizer
-    suffix_ids = tok(fmt.answer_suffix(message, answer), add_special_tokens=False).input_ids
-    cut = next((i for i, t in enumerate(suffix_ids) if t in eos_ids), None)
-    if cut is not None:
-        return suffix_ids[: cut + 1]
-    if tok.eos_token_id is None:  # template without an end-of-turn token: append EOS ourselves
-        raise LadderError("the tokenizer has no EOS token; cannot teach the model to stop")
-    return suffix_ids + [tok.eos_token_id]
 
 
 @dataclass
@@ -525,37 +393,6 @@ class AtomicCheckpoints:
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
 
-def quiet_progress(trainer, name: str = "train", tokens_per_step: float | None = None) -> None:
-    """Training progress on the main process, instead of transformers' printed dict per
-    logging step (the returned curves keep every value): on a terminal, transformers' bar
-    with the logged values (loss, reward, margin) on it; elsewhere (CI, nohup, a notebook)
-    a line every ``LMLADDER_PROGRESS_SECONDS`` (30) seconds: ``<name>: step s/total, loss,
-    tok/s, ETA`` (lmladder/progress.py). Whatever transformers' verbosity."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from lmladder import progress
-
-    class QuietProgress(ProgressCallback):
-        KEYS = ("loss", "eval_loss", "reward", "rewards/margins", "rewards/accuracies", "accuracy")
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and self.training_bar is not None and logs:
-                shown = {k.split("/")[-1]: f"{logs[k]:.3g}" for k in self.KEYS
-                         if isinstance(logs.get(k), (int, float))}
-                if shown:
-                    self.training_bar.set_postfix(shown, refresh=False)
-
-    for cb in list(trainer.callback_handler.callbacks):  # the notebook bar too (a ProgressCallback kin)
-        if isinstance(cb, (PrinterCallback, ProgressCallback)) or type(cb).__name__ == "NotebookProgressCallback":
-            trainer.remove_callback(cb)
-    if not trainer.is_world_process_zero():
-        return
-    if progress.on_terminal():
-        trainer.add_callback(QuietProgress)
-    else:
-        trainer.add_callback(progress.training_callback(name, tokens_per_step))
-
-
 def _auto_steps(total: int, times: int) -> int:
     return max(1, total // times)
 
@@ -738,7 +575,7 @@ def train(
         # rank 0 saves and evaluates the in-memory model: a sharded one would be wrong
         raise LadderError(SHARDING_ERROR.format(what=" / ".join(sharded) or "FSDP / DeepSpeed"))
     avg_len = sum(r["length"] for r in rows) / max(len(rows), 1)
-    quiet_progress(trainer, tracking.label(out_dir, name), avg_len * global_batch)
+    progress.quiet_progress(trainer, tracking.label(out_dir, name), avg_len * global_batch)
     if resume:
         log.info("%s: resuming from %s", name, resume)
     t0 = time.perf_counter()

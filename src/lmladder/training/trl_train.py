@@ -21,6 +21,9 @@ Use::
 
 from __future__ import annotations
 
+from lmladder.run import distributed
+from lmladder import progress
+
 import logging
 import time
 from pathlib import Path
@@ -100,7 +103,7 @@ def run(
     from lmladder.training.hf_train import total_steps
 
     steps = total_steps(cfg, len(train_dataset), rows_per_step)
-    save = checkpoint_dir is not None and cfg.checkpoints and not sft.is_distributed()
+    save = checkpoint_dir is not None and cfg.checkpoints and not distributed.is_distributed()
     resume = sft.prepare_checkpoint_dir(checkpoint_dir, fingerprint) if save else None
     out_dir = Path(checkpoint_dir) if save else Path(work_dir or tempfile.mkdtemp(prefix=f"lmladder-{name}-"))
     run = tracking.run_name(out_dir, name)  # --report-to: this rung's own tracked run
@@ -108,7 +111,7 @@ def run(
     atomic_cls = type(f"Atomic{trainer_cls.__name__}", (sft.AtomicCheckpoints, trainer_cls), {})
     trainer = atomic_cls(model=model, args=args, train_dataset=train_dataset,
                          processing_class=processing_class, **(trainer_kwargs or {}))
-    sft.quiet_progress(trainer, tracking.label(out_dir, name))  # bar / lines, not a dict per step: curves keep them
+    progress.quiet_progress(trainer, tracking.label(out_dir, name))  # bar / lines, not a dict per step: curves keep them
     if resume:
         log.info("%s: resuming from %s", name, resume)
     t0 = time.perf_counter()
