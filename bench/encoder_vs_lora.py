@@ -45,13 +45,14 @@ def main() -> None:
     import torch
 
     from lmladder import config as C
+    from lmladder import registry
     from lmladder.run import ladder
 
     rows = []
     for i, n in enumerate(int(x) for x in a.train_sizes.split(",")):
         raw = C.read_yaml(a.config)
         # rungs that do not train (zero-shot) do not depend on the train size: run them once
-        raw["rungs"] = [r for r in a.rungs.split(",") if i == 0 or ladder.rung_class(r).trains]
+        raw["rungs"] = [r for r in a.rungs.split(",") if i == 0 or registry.rung_class(r).trains]
         raw.setdefault("data", {})["limit_train"] = n
         for s in FAIR + a.set:
             C.apply_set(raw, s)

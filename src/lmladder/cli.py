@@ -52,6 +52,70 @@ def _set_keys_help() -> str:
     return "\n".join(f"  {k:<{width}}  {d} (default: {v})" for k, d, v in rows)
 
 
+def _path(flag, v):
+    return v if str(v).startswith("hf:") else os.path.abspath(v)
+
+
+def _listed(flag, v):
+    return [x.strip() for x in v.split(",") if x.strip()]
+
+
+def _schema(flag, v):  # a file, or field names: --schema name,date,amount
+    is_file = os.path.exists(v) or v.endswith(".json") or os.sep in v
+    return os.path.abspath(v) if is_file else _listed(flag, v)
+
+
+def _target(flag, v):
+    if "=" not in v:
+        raise LadderError(f"{flag} {v}: expected METRIC=VALUE, e.g. accuracy=0.85")
+    m, x = v.split("=", 1)
+    try:
+        return {m.strip(): float(x)}
+    except ValueError:
+        raise LadderError(f"{flag} {v}: '{x}' is not a number") from None
+
+
+_READ = {"path": _path, "list": _listed, "schema": _schema, "target": _target}
+
+# Every `lmladder run` flag that sets a config key: (flag, key, argparse options, how the
+# value is read). The help text is the key's Field description (config.describe_fields),
+# so --help, --set and the docs never drift apart.
+RUN_FLAGS = [
+    ("--train", "data.train", {}, "path"),
+    ("--test", "data.test", {}, "path"),
+    ("--task", "task.kind", {"metavar": "KIND"}, None),
+    ("--input-field", "data.input_field", {}, None),
+    ("--label-field", "data.label_field", {}, None),
+    ("--choices-field", "data.choices_field", {}, None),
+    ("--schema", "task.schema", {"metavar": "FILE|FIELDS"}, "schema"),
+    ("--metric-fn", "task.metric_fn", {"metavar": "MODULE:FUNC"}, None),
+    ("--metric", "task.metric", {}, None),
+    ("--corpus", "rag.corpus", {"metavar": "FILE"}, "path"),
+    ("--labels", "task.labels", {"metavar": "A,B,..."}, "list"),
+    ("--instruction", "task.instruction", {}, None),
+    ("--target", "task.target", {"metavar": "METRIC=VALUE"}, "target"),
+    ("--rungs", "rungs", {"metavar": "A,B,..."}, "list"),
+    ("--model", "model", {}, None),
+    ("--limit-train", "data.limit_train", {"type": int, "metavar": "N"}, None),
+    ("--limit-test", "data.limit_test", {"type": int, "metavar": "N"}, None),
+    ("--seed", "seed", {"type": int}, None),
+    ("--out", "out", {}, None),
+    ("--calls", "cost.calls", {"type": int, "metavar": "N"}, None),
+    ("--until-target", "ladder.stop_at_target", {"action": "store_true"}, None),
+    ("--report-to", "tracking.report_to", {"metavar": "A,B"}, "list"),
+]
+
+
+def add_run_flags(r) -> None:
+    from lmladder.config import describe_fields
+
+    about = {k: (d, v) for k, d, v in describe_fields()}
+    for flag, key, opts, _ in RUN_FLAGS:
+        desc, default = about[key]
+        shown = "" if default in (None, False, [], {}) else f" (default: {default})"
+        r.add_argument(flag, help=f"{key}: {desc}{shown}".replace("%", "%%"), **opts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lmladder",
@@ -69,38 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     r.add_argument("config", nargs="?", help="YAML config (paths inside are relative to it)")
-    r.add_argument("--train", help="train data: a JSONL, CSV or Parquet file, a save_to_disk folder "
-                   "(FOLDER@SPLIT), or hf:NAME[:CONFIG][@SPLIT]")
-    r.add_argument("--test", help="test data (as --train); default: a seeded split of --train")
-    r.add_argument("--task", metavar="KIND", help="task kind: classification (default), math, qa, extraction, "
-                   "multiple-choice, generation, preference")
-    r.add_argument("--input-field", help="field with the model input (default: text; preference: prompt; "
-                   "multiple-choice: question); or data.input_template for several fields")
-    r.add_argument("--label-field", help="field with the label / answer (default: label; multiple-choice: "
-                   "answerKey; preference: chosen)")
-    r.add_argument("--choices-field", help="multiple-choice: field with each example's list of choices "
-                   "(default: choices)")
-    r.add_argument("--schema", metavar="FILE", help="extraction: JSON Schema file (or comma-separated field names)")
-    r.add_argument("--metric-fn", metavar="MODULE:FUNC", help="generation: extra metric f(pred, gold) -> float")
-    r.add_argument("--metric", help="primary metric (default per kind: accuracy, exact_match, f1, ...)")
-    r.add_argument("--corpus", metavar="FILE", help="rag: passages (JSONL id/text, a text file or a folder)")
-    r.add_argument("--labels", help="comma-separated label set (default: from train)")
-    r.add_argument("--instruction", help="task instruction shown to the model")
-    r.add_argument("--target", help="target score, METRIC=VALUE, e.g. accuracy=0.85")
-    r.add_argument("--rungs", help="comma-separated rungs (default: zero-shot,few-shot,lora)")
-    r.add_argument("--model", help="model: hub id, folder, .gguf, or smollm2-135m (default)")
-    r.add_argument("--limit-train", type=int, metavar="N", help="use at most N train examples (seeded)")
-    r.add_argument("--limit-test", type=int, metavar="N", help="use at most N test examples (seeded)")
-    r.add_argument("--seed", type=int, help="seed (default 0)")
-    r.add_argument("--out", help="run folder (default runs/<config name>)")
+    add_run_flags(r)
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     r.add_argument("--force", action="store_true", help="rerun rungs even if finished")
-    r.add_argument("--calls", type=int, metavar="N", help="expected calls over the deployment (cost.calls; default 100000)")
-    r.add_argument("--until-target", action="store_true",
-                   help="stop at the first rung that meets the target (ladder.stop_at_target)")
-    r.add_argument("--report-to", metavar="BACKENDS",
-                   help="log each rung's training and the final results to tensorboard, mlflow and/or wandb "
-                   "(comma-separated; tracking.report_to; files under <out>/tracking)")
     r.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
 
     rep = sub.add_parser("report", help="rebuild results.json / report.md / report.html from a run folder")
@@ -108,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--calls", type=int, metavar="N", help="expected calls over the deployment (default: the run's cost.calls)")
     rep.add_argument("--trust-run-code", action="store_true", help=TRUST_HELP)
 
-    # export / serve own their flags (lmladder/export.py, lmladder/serve.py: add_arguments + main);
+    # export / serve own their flags (lmladder/export/cli.py, lmladder/serving/cli.py: add_arguments + main);
     # those modules import heavy libraries only inside main().
     from lmladder import export
     from lmladder.serving import cli as serve
@@ -124,60 +159,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config_from_args(a) -> tuple:
+def _config_from_args(a):
+    """YAML (if given), then the flags (RUN_FLAGS), then every --set, validated into a RunConfig."""
     from lmladder import config as C
 
     raw: dict = C.read_yaml(a.config) if a.config else {}
-    flags = {
-        "data.train": a.train,
-        "data.test": a.test,
-        "data.input_field": a.input_field,
-        "data.label_field": a.label_field,
-        "data.choices_field": a.choices_field,
-        "task.kind": a.task,
-        "task.metric": a.metric,
-        "task.metric_fn": a.metric_fn,
-        "rag.corpus": a.corpus,
-        "data.limit_train": a.limit_train,
-        "data.limit_test": a.limit_test,
-        "task.instruction": a.instruction,
-        "model": a.model,
-        "seed": a.seed,
-        "out": a.out,
-        "cost.calls": a.calls,
-        "ladder.stop_at_target": True if a.until_target else None,
-        "tracking.report_to": a.report_to,
-    }
-    for key, value in flags.items():
-        if value is None:
+    for flag, key, _, read in RUN_FLAGS:
+        value = getattr(a, flag.lstrip("-").replace("-", "_"))
+        if value is None or value is False:
             continue
         node = raw
         *parents, leaf = key.split(".")
         for k in parents:
             node = node.setdefault(k, {})
-        is_path = key in ("data.train", "data.test", "rag.corpus") and not str(value).startswith("hf:")
-        node[leaf] = os.path.abspath(value) if is_path else value
-    if a.schema is not None:  # a file, or field names: --schema name,date,amount
-        is_file = os.path.exists(a.schema) or a.schema.endswith(".json") or os.sep in a.schema
-        raw.setdefault("task", {})["schema"] = (
-            os.path.abspath(a.schema) if is_file else [x.strip() for x in a.schema.split(",") if x.strip()]
-        )
-    if a.rungs is not None:
-        raw["rungs"] = [x.strip() for x in a.rungs.split(",") if x.strip()]
-    if a.labels is not None:
-        raw.setdefault("task", {})["labels"] = [x.strip() for x in a.labels.split(",") if x.strip()]
-    if a.target is not None:
-        if "=" not in a.target:
-            raise LadderError(f"--target {a.target}: expected METRIC=VALUE, e.g. accuracy=0.85")
-        m, v = a.target.split("=", 1)
-        try:
-            raw.setdefault("task", {})["target"] = {m.strip(): float(v)}
-        except ValueError:
-            raise LadderError(f"--target {a.target}: '{v}' is not a number") from None
+        node[leaf] = _READ[read](flag, value) if read else value
     for s in a.set:
         C.apply_set(raw, s)
-    cfg = C.build(raw)
-    return cfg
+    return C.build(raw)
 
 
 def _short(x: float, sign: bool = False) -> str:
@@ -270,7 +268,9 @@ def cmd_run(a) -> int:
     cfg = _config_from_args(a)
     from lmladder.run import ladder
 
-    out = (Path(cfg.out) if cfg.out else ladder.default_out(a.config)).expanduser().resolve()
+    from lmladder.run.folder import default_out
+
+    out = (Path(cfg.out) if cfg.out else default_out(a.config)).expanduser().resolve()
     cfg = cfg.model_copy(update={"out": str(out)})  # the snapshot (config.yaml) names where it is
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings

@@ -42,6 +42,7 @@ from lmladder.rungs.reward_model import RewardModelConfig
 from lmladder.rungs.self_consistency import SelfConsistencyConfig
 from lmladder.rungs.tools import ToolsConfig
 from lmladder.rungs.zero_shot import ZeroShotConfig
+from lmladder.tasks import KINDS, kinds_help
 from lmladder.textfiles import DEFAULT_MAX_LINE_BYTES
 
 
@@ -180,17 +181,18 @@ def field_defaults(kind: str, data: DataConfig | None = None) -> dict[str, str]:
 
 
 
-TASK_KINDS = ("classification", "math", "qa", "extraction", "multiple-choice", "generation", "tagging", "preference")
-
-
 class TaskConfig(ConfigModel):
-    kind: Literal[
-        "classification", "math", "qa", "extraction", "multiple-choice", "generation", "tagging", "preference"
-    ] = Field(
-        "classification",
-        description="Task kind: classification, math, qa, extraction, multiple-choice, generation, "
-        "tagging (BIO tags per token; encoder rung only), preference (prompt, chosen, rejected).",
-    )
+    kind: str = Field("classification", description="Task kind (tasks.KINDS): " + kinds_help() + ".")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v):
+        if v not in KINDS:
+            hint = difflib.get_close_matches(v, list(KINDS), n=1)
+            raise ValueError(f"'{v}' is not a task kind (known: {', '.join(KINDS)})"
+                             + (f"; did you mean '{hint[0]}'?" if hint else ""))
+        return v
+
     instruction: str | None = Field(
         None, description="What the model should do; a default is written from the label set."
     )
@@ -472,6 +474,10 @@ class RunConfig(ConfigModel):
         if resolved is not self.data:
             object.__setattr__(self, "data", resolved)  # not self.data = ...: that revalidates
         return self
+
+    def parent_of(self, rung: str) -> str | None:
+        """The rung whose output model ``rung`` starts from (its section's ``from``), if any."""
+        return getattr(self.rung_config(rung), "from_", None)
 
     def rung_config(self, name: str) -> ConfigModel:
         base, _, _ = name.partition("@")

@@ -51,8 +51,10 @@ def _read_json(p: Path) -> dict | None:
 def collect(run_dir: Path, calls: int | None = None) -> dict[str, Any]:
     """results.json's content: only results whose fingerprint is the one this run's config
     and data give (run.json, written by the ladder); every asked-for rung without one is
-    listed with its state: failed, not run, or stale (a result of another config / data)."""
-    from lmladder import verdict
+    listed with its state: failed, not run, stale (a result of another config / data) or
+    skipped. Then money at the call volume, the verdict, each rung's diagnosis and
+    learning-curve reading."""
+    from lmladder import diagnosis, verdict
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
@@ -61,50 +63,13 @@ def collect(run_dir: Path, calls: int | None = None) -> dict[str, Any]:
     cfg = yaml.safe_load(cfg_path.read_text())
     data_info = _read_json(run_dir / "data.json") or {}
     run_info = _read_json(run_dir / "run.json") or {}
-    expected = run_info.get("fingerprints") or {}
     n_test = run_info.get("n_test", data_info.get("test_used"))
-    rungs, states = [], []
-    for name in cfg.get("rungs", []):
-        rdir = run_dir / "rungs" / name
-        r = _read_json(rdir / "result.json")
-        failed = _read_json(rdir / "failed.json")
-        want = expected.get(name)
-        current = r is not None and (r.get("fingerprint") == want if want else r.get("n_test") == n_test)
-        if current:  # (a --force rerun that failed leaves this same-fingerprint result valid)
-            rungs.append(r)
-            continue
-        skip = (run_info.get("skipped") or {}).get(name)
-        if skip is not None:
-            est = skip.get("seconds_saved_estimate")
-            state = {"name": name, "state": "skipped", "why": skip["reason"] + (
-                f"; about {est:.0f} s saved (its earlier run)" if est else "; not run, so the time saved is not measured")}
-        elif failed and (not want or failed.get("fingerprint") == want):
-            state = {"name": name, "state": "failed", "error": failed.get("error")}
-        elif r is not None:
-            state = {"name": name, "state": "stale", "why": "finished for another config or data "
-                     f"(fingerprint {r.get('fingerprint')}, {r.get('n_test')} test examples)"}
-        else:
-            state = {"name": name, "state": "not run"}
-        states.append(state)
-    from lmladder.registry import rung_class
-
-    for s_ in states:  # where it would sit on the ladder (unknown rung classes: last)
-        try:
-            s_["rank"] = float(rung_class(s_["name"]).cost_rank)
-        except Exception:  # noqa: BLE001
-            s_["rank"] = 99.0
-    rungs.sort(key=lambda r: r["rank"])
-    base = _read_json(run_dir / "rungs" / verdict.BASELINE / "result.json")
-    if base is not None and run_info.get("baseline_fingerprint") != base.get("fingerprint"):
-        base = None
+    rungs, states = current_results(run_dir, cfg, run_info, n_test)
     task = cfg["task"]
     target = task.get("target") or None
-    metric = next(iter(target)) if target else (
-        task.get("metric") or (rungs[0]["metric"] if rungs else "accuracy")
-    )
+    metric = next(iter(target)) if target else (task.get("metric") or (rungs[0]["metric"] if rungs else "accuracy"))
     tvalue = target[metric] if target else None
-    if base is not None and base.get("metric") != metric:
-        base = None
+    base = _baseline(run_dir, run_info, metric)
     rule = (cfg.get("decision") or {}).get("rule", "point")
     model = next((r["model"] for r in rungs if r.get("model")), {"spec": cfg.get("model")})
     cost_cfg = dict(cfg.get("cost") or {})
@@ -113,23 +78,13 @@ def collect(run_dir: Path, calls: int | None = None) -> dict[str, Any]:
     prices = verdict.price(cost_cfg, model)
     for r in rungs + ([base] if base is not None else []):  # money at the call volume
         r["cost"] = {**r["cost"], **verdict.money(r["cost"], prices), "calls": prices["calls"]}
-    rec = recommend(rungs, metric, tvalue, rule, base, states, n_test, seed=int(cfg.get("seed", 0)))
-    from lmladder import diagnosis
-
-    preds_of: dict[str, list[dict]] = {}
-    for r in rungs:  # why each rung fails, from its predictions
-        preds_of[r["name"]] = _read_jsonl(run_dir / "rungs" / r["name"] / "predictions.jsonl")
-        vs_base = None if base is None else verdict.paired(r.get("per_example"), base.get("per_example"))
-        try:
-            trains = bool(rung_class(r["name"]).trains)
-        except Exception:  # noqa: BLE001
-            trains = False
-        r["diagnosis"] = diagnosis.diagnose(task.get("kind", "classification"), data_info.get("labels"),
-                                            preds_of[r["name"]], r, tvalue, rule, trains, vs_base)
+    seed = int(cfg.get("seed", 0))
+    rec = recommend(rungs, metric, tvalue, rule, base, states, n_test, seed=seed)
+    preds_of = _diagnose(run_dir, rungs, base, task.get("kind", "classification"), data_info.get("labels"),
+                         tvalue, rule)
     for r in rungs:  # would more data help?
         if r.get("learning_curve"):
-            r["learning_curve_reading"] = verdict.curve_reading(r["learning_curve"], tvalue, rule,
-                                                                seed=int(cfg.get("seed", 0)))
+            r["learning_curve_reading"] = verdict.curve_reading(r["learning_curve"], tvalue, rule, seed=seed)
             r["learning_curve"] = [{k: v for k, v in p.items() if k != "per_example"} for p in r["learning_curve"]]
     rows = [{k: r.get(k) for k in ROW_KEYS + ("diagnosis",)}
             | ({"by_group": r["by_group"]} if r.get("by_group") else {})
@@ -154,6 +109,70 @@ def collect(run_dir: Path, calls: int | None = None) -> dict[str, Any]:
         "missing_rungs": [s_["name"] for s_ in states],
         "recommendation": rec,
     }
+
+
+def current_results(run_dir: Path, cfg: dict, run_info: dict, n_test) -> tuple[list[dict], list[dict]]:
+    """(current results in ladder order, the state of every other asked-for rung)."""
+    from lmladder.registry import rung_class
+    from lmladder.run import result as result_mod
+
+    expected = run_info.get("fingerprints") or {}
+    rungs, states = [], []
+    for name in cfg.get("rungs", []):
+        rdir = run_dir / "rungs" / name
+        r = result_mod.load(rdir / "result.json")
+        failed = _read_json(rdir / "failed.json")
+        want = expected.get(name)
+        if r is not None and (r.get("fingerprint") == want if want else r.get("n_test") == n_test):
+            rungs.append(r)  # (a --force rerun that failed leaves this same-fingerprint result valid)
+            continue
+        skip = (run_info.get("skipped") or {}).get(name)
+        if skip is not None:
+            est = skip.get("seconds_saved_estimate")
+            state = {"name": name, "state": "skipped", "why": skip["reason"] + (
+                f"; about {est:.0f} s saved (its earlier run)" if est else "; not run, so the time saved is not measured")}
+        elif failed and (not want or failed.get("fingerprint") == want):
+            state = {"name": name, "state": "failed", "error": failed.get("error")}
+        elif r is not None:
+            state = {"name": name, "state": "stale", "why": "finished for another config or data "
+                     f"(fingerprint {r.get('fingerprint')}, {r.get('n_test')} test examples)"}
+        else:
+            state = {"name": name, "state": "not run"}
+        try:  # where it would sit on the ladder (unknown rung classes: last)
+            state["rank"] = float(rung_class(name).cost_rank)
+        except Exception:  # noqa: BLE001
+            state["rank"] = 99.0
+        states.append(state)
+    rungs.sort(key=lambda r: r["rank"])
+    return rungs, states
+
+
+def _baseline(run_dir: Path, run_info: dict, metric: str) -> dict | None:
+    """The majority baseline's current result on the primary metric, or None."""
+    from lmladder import verdict
+    from lmladder.run import result as result_mod
+
+    base = result_mod.load(run_dir / "rungs" / verdict.BASELINE / "result.json")
+    if base is None or run_info.get("baseline_fingerprint") != base.get("fingerprint") or base.get("metric") != metric:
+        return None
+    return base
+
+
+def _diagnose(run_dir: Path, rungs: list[dict], base, kind: str, labels, tvalue, rule) -> dict[str, list[dict]]:
+    """Why each rung fails, from its predictions (``diagnosis`` on each row); the predictions."""
+    from lmladder import diagnosis, verdict
+    from lmladder.registry import rung_class
+
+    preds_of: dict[str, list[dict]] = {}
+    for r in rungs:
+        preds_of[r["name"]] = _read_jsonl(run_dir / "rungs" / r["name"] / "predictions.jsonl")
+        vs_base = None if base is None else verdict.paired(r.get("per_example"), base.get("per_example"))
+        try:
+            trains = bool(rung_class(r["name"]).trains)
+        except Exception:  # noqa: BLE001
+            trains = False
+        r["diagnosis"] = diagnosis.diagnose(kind, labels, preds_of[r["name"]], r, tvalue, rule, trains, vs_base)
+    return preds_of
 
 
 def _save_png(fig, path: Path, dpi: int) -> None:

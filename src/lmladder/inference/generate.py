@@ -73,6 +73,48 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int):
 
 
 @torch.inference_mode()
+def _generate_kwargs(max_new_tokens, do_sample, temperature, top_p, eos, pad) -> dict:
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos, pad_token_id=pad)
+    if do_sample:
+        kw.update(temperature=temperature, top_p=top_p, top_k=0)
+    else:  # silence the model's sampling defaults
+        kw.update(temperature=None, top_p=None, top_k=None)
+    return kw
+
+
+def _shared_prefill(model, ids, mask, n: int):
+    """The KV cache of every prompt but its last token, computed once and repeated for the
+    ``n`` paths (generate runs the last token, so each path samples its own first token)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    if ids.shape[1] > 1:
+        pos = (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)
+        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos, past_key_values=cache,
+              use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(n)
+    return cache
+
+
+def _batch_processors(processors, rows: int, rows_idx: list[int], max_new_tokens: int) -> list:
+    if getattr(processors, "accepts_budget", False):  # grammar: reasoning budget
+        return processors(rows, rows_idx, max_new_tokens=max_new_tokens)
+    return processors(rows, rows_idx)
+
+
+def _until_stop(rows: list[list[int]], eos) -> list[list[int]]:
+    """Each row's new tokens up to (not including) its first stop token."""
+    out = []
+    for row in rows:
+        toks = []
+        for t in row:
+            if t in eos:
+                break
+            toks.append(t)
+        out.append(toks)
+    return out
+
+
 def generate(
     model,
     tokenizer,
@@ -126,53 +168,19 @@ def generate(
             ids, mask = ids.to(device), mask.to(device)
             stats.prompt_tokens += sum(map(len, rows))
             stats.prefill_tokens += sum(map(len, rows))
-            kwargs = dict(
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                eos_token_id=eos,
-                pad_token_id=pad,
-            )
-            if do_sample:
-                kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-            else:  # silence the model's sampling defaults
-                kwargs.update(temperature=None, top_p=None, top_k=None)
+            kwargs = _generate_kwargs(max_new_tokens, do_sample, temperature, top_p, eos, pad)
             torch.manual_seed(seed * 1_000_003 + b)
-            if n > 1:
-                # Prefill once, then repeat the cache: the N paths share the prompt.
-                from transformers import DynamicCache
-
-                cache = DynamicCache(config=model.config)
-                if ids.shape[1] > 1:
-                    pos = (mask[:, :-1].cumsum(-1) - 1).clamp(min=0)
-                    model(
-                        input_ids=ids[:, :-1],
-                        attention_mask=mask[:, :-1],
-                        position_ids=pos,
-                        past_key_values=cache,
-                        use_cache=True,
-                        logits_to_keep=1,
-                    )
-                    cache.batch_repeat_interleave(n)
-                kwargs["past_key_values"] = cache
+            if n > 1:  # prefill once, then repeat the cache: the N paths share the prompt
+                kwargs["past_key_values"] = _shared_prefill(model, ids, mask, n)
                 ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
             if processors is not None:
-                rows_idx = [i for i in idx for _ in range(n)]
-                if getattr(processors, "accepts_budget", False):  # grammar: reasoning budget
-                    procs = processors(ids.shape[0], rows_idx, max_new_tokens=max_new_tokens)
-                else:
-                    procs = processors(ids.shape[0], rows_idx)
+                procs = _batch_processors(processors, ids.shape[0], [i for i in idx for _ in range(n)], max_new_tokens)
                 if procs:
                     from transformers import LogitsProcessorList
 
                     kwargs["logits_processor"] = LogitsProcessorList(procs)
             seqs = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-            new = seqs[:, ids.shape[1]:]
-            for r, row in enumerate(new.tolist()):
-                toks = []
-                for t in row:
-                    if t in eos:
-                        break
-                    toks.append(t)
+            for r, toks in enumerate(_until_stop(seqs[:, ids.shape[1]:].tolist(), eos)):
                 stats.generated_tokens += len(toks)
                 out[idx[r // n]].append(tokenizer.decode(toks, skip_special_tokens=True))
             bar.update(len(idx))

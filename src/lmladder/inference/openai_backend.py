@@ -48,6 +48,15 @@ def is_openai(spec: str | None) -> bool:
     return bool(spec) and spec.startswith(PREFIX)
 
 
+def fingerprint_part(spec: str | None) -> dict | None:
+    """What results from an ``openai:`` model depend on besides its name: the server and the
+    tokenizer used for token counts and continuations (run/fingerprint.py); None otherwise."""
+    if not is_openai(spec):
+        return None
+    return {"endpoint": os.environ.get("OPENAI_BASE_URL", "").rstrip("/"),
+            "tokenizer": os.environ.get("LMLADDER_OPENAI_TOKENIZER") or None}
+
+
 def model_name(spec: str) -> str:
     name = spec[len(PREFIX):].strip()
     if not name:

@@ -83,6 +83,46 @@ def _fork(cache):
     return out
 
 
+def _continue_choices(model, stage1, batch, choice_ids, attn, last_pos, ctx_len, result, batch_size,
+                      max_batch_tokens, pad_id, device) -> tuple[int, int]:
+    """Stage 2: the choices longer than one token (a label and its end-of-turn token)
+    continue their example's stage-1 cache (selected once per choice row) with their own
+    tokens; each choice's remaining log-probs are added to ``result``. Returns (rows run,
+    tokens computed)."""
+    # (row in batch, example, choice) for every choice with more tokens to score
+    rows = [(b, i, j) for b, i in enumerate(batch) for j, c in enumerate(choice_ids[i]) if len(c) > 1]
+    need = [ctx_len + len(choice_ids[i][j]) for _, i, j in rows]  # each row holds its prompt's cache
+    n_rows = computed = 0
+    for part_idx in token_batches(list(range(len(rows))), need, batch_size, max_batch_tokens):
+        part = [rows[k] for k in part_idx]
+        L = max(len(choice_ids[i][j]) - 1 for _, i, j in part)
+        R = len(part)
+        cids = torch.full((R, L), pad_id, dtype=torch.long)
+        cmask = torch.zeros((R, L), dtype=torch.long)
+        for k, (_, i, j) in enumerate(part):
+            c = choice_ids[i][j][:-1]
+            cids[k, : len(c)] = torch.tensor(c)
+            cmask[k, : len(c)] = 1
+            computed += len(c)
+        sel = torch.tensor([b for b, _, _ in part])
+        cache = _fork(stage1)
+        cache.batch_select_indices(sel.to(device))
+        cout = model(
+            input_ids=cids.to(device),
+            attention_mask=torch.cat([attn[sel], cmask], 1).to(device),
+            position_ids=(last_pos[sel, None] + 1 + torch.arange(L)[None]).to(device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=L,
+        )
+        n_rows += R
+        logp = cout.logits.float().log_softmax(-1).cpu()  # (R, L, V)
+        for k, (_, i, j) in enumerate(part):
+            targets = torch.tensor(choice_ids[i][j][1:])
+            result[i][j] += float(logp[k, torch.arange(len(targets)), targets].sum())
+    return n_rows, computed
+
+
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -156,42 +196,10 @@ def loglikelihoods(
         for b, i in enumerate(batch):
             result[i] = [first[b, c[0]].item() for c in choice_ids[i]]
         if not single:
-            stage1 = out.past_key_values
-            last_pos = pos[:, -1]
-            # (row in batch, example, choice) for every choice with more tokens to score
-            rows = [(b, i, j) for b, i in enumerate(batch) for j, c in enumerate(choice_ids[i]) if len(c) > 1]
-            ctx_len = [P + T + len(choice_ids[i][j]) for _, i, j in rows]  # each row holds its prompt's cache
-            for part_idx in token_batches(list(range(len(rows))), ctx_len, batch_size, max_batch_tokens):
-                part = [rows[k] for k in part_idx]
-                L = max(len(choice_ids[i][j]) - 1 for _, i, j in part)
-                R = len(part)
-                cids = torch.full((R, L), pad_id, dtype=torch.long)
-                cmask = torch.zeros((R, L), dtype=torch.long)
-                for k, (_, i, j) in enumerate(part):
-                    c = choice_ids[i][j][:-1]
-                    cids[k, : len(c)] = torch.tensor(c)
-                    cmask[k, : len(c)] = 1
-                    computed += len(c)
-                sel = torch.tensor([b for b, _, _ in part])
-                cache = _fork(stage1)
-                cache.batch_select_indices(sel.to(device))
-                cattn = torch.cat([attn[sel], cmask], 1)
-                cpos = last_pos[sel, None] + 1 + torch.arange(L)[None]
-                cout = model(
-                    input_ids=cids.to(device),
-                    attention_mask=cattn.to(device),
-                    position_ids=cpos.to(device),
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=L,
-                )
-                n_rows += R
-                logp = cout.logits.float().log_softmax(-1).cpu()  # (R, L, V)
-                for k, (_, i, j) in enumerate(part):
-                    targets = torch.tensor(choice_ids[i][j][1:])
-                    m = len(targets)
-                    result[i][j] += float(logp[k, torch.arange(m), targets].sum())
-            del stage1
+            c_rows, c_tokens = _continue_choices(model, out.past_key_values, batch, choice_ids, attn, pos[:, -1],
+                                                 P + T, result, batch_size, max_batch_tokens, pad_id, device)
+            n_rows += c_rows
+            computed += c_tokens
         bar.update(B)
     bar.close()
     return result, ScoreStats(prefix_tokens=P, computed_tokens=computed, rows=n_rows)

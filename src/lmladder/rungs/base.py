@@ -16,6 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
+from lmladder.tasks import ANSWER_KINDS
+
 
 def apply_calibration(calibration: dict, labels: list[str], preds: list[dict]) -> list[dict]:
     """Each label's score less the content-free log prior plus the train log prior (the
@@ -46,9 +48,7 @@ class Rung:
     trains: ClassVar[bool] = False
     summary: ClassVar[str] = ""
     # task kinds the rung can handle (tagging needs a token-classification head)
-    kinds: ClassVar[tuple[str, ...]] = (
-        "classification", "math", "qa", "extraction", "multiple-choice", "generation"
-    )
+    kinds: ClassVar[tuple[str, ...]] = ANSWER_KINDS
     uses_base: ClassVar[bool] = True  # False: the ladder need not load the causal LM for it
     # folder under rungs/<rung>/ holding a whole causal LM that `from: <rung>` can start from
     output_model: ClassVar[str | None] = None
@@ -68,6 +68,14 @@ class Rung:
     def fingerprint_extra(cls, cfg) -> dict:
         """Optional: what the rung reads besides its config that must rerun it when it
         changes (e.g. a corpus file's content digest); added to the fingerprint."""
+        return {}
+
+    @classmethod
+    def uses(cls, cfg, name: str) -> dict[str, str]:
+        """Optional: other rungs (in or out of ``rungs``) whose predictions rung ``name``
+        makes itself through ``ctx.predict_with``, as {its config field: rung name}, e.g.
+        distill's {"teacher": "few-shot"}. The ladder checks they are inference rungs for the
+        task (and runs their own validate); their configs are part of this rung's fingerprint."""
         return {}
 
     @classmethod

@@ -28,13 +28,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lmladder.errors import LadderError, where
-from lmladder.io import atomic_dir
-from lmladder.rungs.base import Rung
 from typing import Literal
+
 from pydantic import Field
+
+from lmladder.errors import LadderError, where
 from lmladder.options import ConfigModel
-from lmladder.run import distributed
+from lmladder.rungs.base import Rung
+from lmladder.training import weights
 
 
 class ContinuedPretrainingConfig(ConfigModel):
@@ -193,8 +194,7 @@ class ContinuedPretraining(Rung):
         }
         self.messages = [self.ctx.task.user_message(ex) for ex in self.ctx.data.test]
         self.model_dir = self.out_dir / "model"
-        self.model = None
-        self._trainable = 0
+        self.trainable = 0
 
     def _dev_ppl(self, model, tok) -> float | None:
         if not self.dev_docs:
@@ -206,54 +206,58 @@ class ContinuedPretraining(Rung):
         return forgetting.perplexity(model, chunks, pad)
 
     def fit(self) -> dict[str, Any]:
-        from transformers import AutoModelForCausalLM, set_seed
-
-        from lmladder.training import hf_train
-
         base, tok = self.ctx.base()
         fp = self.ctx.fingerprint(self.name, training=True)
-        stamp = self.model_dir / "lmladder_fingerprint.txt"
-        stats: dict[str, Any] = {"method": self.cfg.method, "corpus": self.corpus_stats}
-        if stamp.is_file() and stamp.read_text().strip() == fp:
-            log.info("continued-pretraining: reusing the trained model in %s", self.model_dir)
-            self.model = AutoModelForCausalLM.from_pretrained(
-                self.model_dir, dtype=base.dtype, use_safetensors=True).to(base.device)
-            self.model.eval()
-            return {**stats, "reused_model": True}
-        ppl_before = self._dev_ppl(base, tok)
-        seed = self.ctx.cfg.seed
-        set_seed(seed)
-        model = copy.deepcopy(base)  # never train the shared base
-        if self.cfg.method == "lora":
-            from peft import LoraConfig, TaskType, get_peft_model
 
-            model = get_peft_model(model, LoraConfig(
-                task_type=TaskType.CAUSAL_LM, r=self.cfg.r, lora_alpha=self.cfg.alpha,
-                lora_dropout=self.cfg.dropout, target_modules=self.cfg.target_modules))
-        else:
+        def train() -> dict[str, Any]:
+            from transformers import set_seed
+
+            from lmladder.training import hf_train
+
+            ppl_before = self._dev_ppl(base, tok)
+            seed = self.ctx.cfg.seed
+            set_seed(seed)
+            model = copy.deepcopy(base)  # never train the shared base
+            if self.cfg.method == "lora":
+                from peft import LoraConfig, TaskType, get_peft_model
+
+                model = get_peft_model(model, LoraConfig(
+                    task_type=TaskType.CAUSAL_LM, r=self.cfg.r, lora_alpha=self.cfg.alpha,
+                    lora_dropout=self.cfg.dropout, target_modules=self.cfg.target_modules))
+            else:
+                for p in model.parameters():
+                    p.requires_grad_(True)
+            self.trainable = weights.count_trainable(model)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+            stats = hf_train.train(model, self.cfg, self.blocks, BlockCollator(pad), self.out_dir / ".trainer",
+                                   seed, remove_unused_columns=False)
+            if self.cfg.method == "lora":
+                model = model.merge_and_unload()  # saved merged: `from: continued-pretraining` loads it whole
+            model.eval()
             for p in model.parameters():
-                p.requires_grad_(True)
-        self._trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        stats.update(hf_train.train(model, self.cfg, self.blocks, BlockCollator(pad), self.out_dir / ".trainer",
-                                    seed, remove_unused_columns=False))
-        if self.cfg.method == "lora":
-            model = model.merge_and_unload()
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.model = model
-        if distributed.is_main():  # under torchrun only rank 0 writes
-            with atomic_dir(self.model_dir) as tmp:
-                model.save_pretrained(tmp, safe_serialization=True)
-                tok.save_pretrained(tmp)
-                (tmp / "lmladder_fingerprint.txt").write_text(fp + "\n")
-        if self.dev_docs:
-            stats["dev_perplexity"] = {"before": ppl_before, "after": self._dev_ppl(model, tok)}
-        return stats
+                p.requires_grad_(False)
+            self.model = model
+            if self.dev_docs:
+                stats["dev_perplexity"] = {"before": ppl_before, "after": self._dev_ppl(model, tok)}
+            return stats
+
+        def save(tmp: Path) -> None:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+
+        def load(folder: Path) -> None:
+            from transformers import AutoModelForCausalLM
+
+            self.model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=base.dtype, use_safetensors=True).to(base.device)
+            self.model.eval()
+
+        stats = weights.reuse_or_train(self.model_dir, fp, train=train, save=save, load=load, name=self.name,
+                                       flag="reused_model")
+        return {"method": self.cfg.method, "corpus": self.corpus_stats, **stats}
 
     def trainable_params(self) -> int:
-        return self._trainable
+        return self.trainable
 
     def predict(self):
         return self.ctx.task.predict(

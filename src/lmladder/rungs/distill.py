@@ -11,9 +11,11 @@ shows the teacher rung's test cost per call next to the student's.
 ``distill.teacher`` names who labels:
 
 * a rung name of this run's ladder (``few-shot``, ``self-consistency``, ``cot``,
-  ``best-of-n``, ``few-shot@k32`` with ``copies``...): that inference rung, built with its
-  own config section (``cfg.rung_config(name)``), runs its ``prepare`` / ``predict`` on a
-  view of the run whose test split is the train split; its parsed predictions become
+  ``best-of-n``, ``few-shot@k32`` with ``copies``...): that inference rung, with its own
+  config section, runs its ``prepare`` / ``predict`` with the train split as its test split
+  (``ctx.predict_with``: the run's context builds it, this file never imports the registry;
+  ``Distill.uses`` names it, so the ladder checks it is an inference rung for the task kind
+  and its config is part of this rung's fingerprint); its parsed predictions become
   answer texts in the task's answer format (classification: the label; math: the number;
   extraction: the JSON; multiple-choice: the choice text). The teacher rung need not be in
   ``rungs``; when it is, the report already has its test-set quality and cost. With
@@ -53,23 +55,24 @@ checkpoints and resume; logit KD reuses that engine with its own loss.
 
 from __future__ import annotations
 
-import difflib
+import functools
 import gc
 import hashlib
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field
+
+from lmladder import prompts
 from lmladder.errors import LadderError
 from lmladder.io import atomic_write_jsonl
 from lmladder.plugins import load_callable, source_digest
-from lmladder.rungs.lora import Lora
-from typing import Literal
-from pydantic import Field
-from lmladder.rungs.lora import LoraConfig
 from lmladder.run import distributed
-from lmladder import prompts
+from lmladder.rungs.base import Rung
+from lmladder.rungs.lora import LoraConfig, peft_config
+from lmladder.training import forgetting, steps, weights
 
 
 class DistillConfig(LoraConfig):
@@ -126,10 +129,10 @@ def answer_text(task, example, pred) -> str | None:
     return text or None
 
 
-def check_teacher(cfg, dataset, spec: str, field: str) -> None:
-    """A teacher spec that cannot work: one-line LadderError, before any model work."""
-    from lmladder import registry
-
+def check_teacher(spec: str, field: str) -> None:
+    """A ``model:`` or ``module:function`` teacher that cannot work: one-line LadderError,
+    before any model work. (A rung teacher is :meth:`Distill.uses`'s: the ladder checks that
+    it is a known inference rung supporting the task kind, run/ladder._check_uses.)"""
     spec = (spec or "").strip()
     if not spec:
         raise LadderError(f"{field}: empty; name a rung (few-shot), model:<spec> or module:function")
@@ -144,31 +147,8 @@ def check_teacher(cfg, dataset, spec: str, field: str) -> None:
             models.check_available(models.resolve(model_spec))
         except LadderError as e:
             raise LadderError(f"{field}: {e}") from None
-        return
-    if kind == "callable":
+    elif kind == "callable":
         load_callable(spec, field)
-        return
-    inference = ", ".join(n for n, c in registry.RUNGS.items() if not c.trains)
-    base = spec.partition("@")[0]
-    if base not in registry.RUNGS:
-        hint = difflib.get_close_matches(base, list(registry.RUNGS), n=1)
-        raise LadderError(
-            f"{field}: unknown teacher '{spec}' (an inference rung: {inference}; or model:<spec>; "
-            f"or module:function)" + (f"; did you mean '{hint[0]}'?" if hint else "")
-        )
-    if "@" in spec and spec not in cfg.copies:
-        raise LadderError(f"{field}: '{spec}' is a named copy: give its changes in copies.{spec}")
-    tcls = registry.RUNGS[base]
-    if issubclass(tcls, Distill):
-        raise LadderError(f"{field}: a distill rung cannot be the teacher")
-    if tcls.trains:
-        raise LadderError(
-            f"{field}: '{spec}' trains weights; the teacher must be an inference rung ({inference}), "
-            f"model:<spec> or module:function"
-        )
-    if cfg.task.kind not in tcls.kinds:
-        raise LadderError(f"{field}: rung {spec} does not support task kind {cfg.task.kind}")
-    tcls.validate(cfg, dataset)  # the teacher's own checks (grammars, corpus, tools...)
 
 
 LOGIT_RUNGS = ("zero-shot", "few-shot")  # one forward pass gives the answer's distribution
@@ -245,45 +225,18 @@ def teacher_topk(model, fmt, message: str, answer: str, student_feature, eos: se
     return {"kd_ids": top.indices.cpu(), "kd_logps": vals.cpu()}
 
 
-def teacher_extra(cfg, spec: str) -> dict:
-    """What a teacher reads besides its name: a rung's config section and extra
-    fingerprint, a callable's source file digest."""
-    from lmladder import registry
-
-    spec = (spec or "").strip()
-    kind = teacher_kind(spec)
-    if kind == "callable":
-        return {"teacher_source": source_digest(spec)}
-    base = spec.partition("@")[0]
-    if kind == "rung" and base in registry.RUNGS and ("@" not in spec or spec in cfg.copies):
-        return {"teacher_config": cfg.rung_config(spec).model_dump(mode="json"),
-                "teacher_extra": registry.RUNGS[base].fingerprint_extra(cfg)}
-    return {}
-
-
-class _View:
-    """The run's Context seen with other train / test examples; everything else (the
-    shared base model, the chat format, the config, the run folder) is the run's own."""
-
-    def __init__(self, ctx, train, test):
-        from lmladder.data import Dataset
-
-        self._ctx = ctx
-        self.data = Dataset(list(train), list(test), ctx.data.info)
-
-    def __getattr__(self, name):
-        return getattr(self._ctx, name)
-
 
 # --------------------------------------------------------------------------- the rung
 
 
-class Distill(Lora):
+class Distill(Rung):
     name = "distill"
     cost_rank = 29
+    trains = True
     summary = "LoRA student, zero-shot prompt, trained on a teacher's answers to the train inputs"
-    select_on_metric = False  # its dev split is judged against the teacher's labels, not gold
-    kinds = ("classification", "math", "qa", "extraction", "multiple-choice", "generation")
+    kinds = Rung.kinds  # the answer kinds (not preference: a teacher gives answers, not pairs)
+    mergeable = True  # `from: distill` starts from the base with the student's adapter merged
+    artifact = "adapter"  # rungs/distill/adapter: the student
 
     # ------------------------------------------------------------------ checks
 
@@ -298,34 +251,42 @@ class Distill(Lora):
     def validate(cls, cfg, dataset) -> None:
         if not dataset.train:
             raise LadderError(f"{cls.name} needs train inputs for the teacher to label")
-        super().validate(cfg, dataset)
+        steps.check_step_plan(cfg, dataset, cls.name)
         for name in cls._names(cfg):
             rc = cfg.rung_config(name)
-            check_teacher(cfg, dataset, rc.teacher, f"{name}.teacher")
+            check_teacher(rc.teacher, f"{name}.teacher")
             if rc.kd == "logits":
                 check_logit_teacher(cfg, rc.teacher, f"{name}.kd")
 
     @classmethod
+    def uses(cls, cfg, name: str) -> dict[str, str]:
+        """A rung teacher, which distill runs itself (``ctx.predict_with``): the ladder checks
+        that it is an inference rung for the task kind, and adds its config section and extra
+        fingerprint to this rung's fingerprint."""
+        spec = (cfg.rung_config(name).teacher or "").strip()
+        return {"teacher": spec} if spec and teacher_kind(spec) == "rung" else {}
+
+    @classmethod
     def fingerprint_extra(cls, cfg) -> dict:
-        """The teachers' configs (rung teachers) or source files (callables) too: a changed
-        teacher retrains the student. (The hook gets no rung name, so a run with several
-        distill copies fingerprints each with every copy's teacher.)"""
-        return {name: teacher_extra(cfg, cfg.rung_config(name).teacher) for name in cls._names(cfg)}
+        """A callable teacher's source file: a changed teacher retrains the student. (A rung
+        teacher's config comes in through :meth:`uses`; the hook gets no rung name, so a run
+        with several distill copies fingerprints each with every copy's callable.)"""
+        out = {}
+        for name in cls._names(cfg):
+            spec = (cfg.rung_config(name).teacher or "").strip()
+            if teacher_kind(spec) == "callable":
+                out[name] = {"teacher_source": source_digest(spec)}
+        return out
 
     # ------------------------------------------------------------------ rung interface
 
     def prepare(self) -> None:
         # the student's prompts are the zero-shot prompts; its features are built in fit(),
         # once the teacher has labelled the train inputs
-        task = self.ctx.task
-        self.messages = [task.user_message(ex) for ex in self.ctx.data.test]
-        self.adapter_dir = self.out_dir / self.artifact
-        self.model = None
-        self._trainable = 0
-        self._total = 0
+        self.messages = [self.ctx.task.user_message(ex) for ex in self.ctx.data.test]
+        self.trainable = 0
 
     def fit(self) -> dict[str, Any]:
-
         train = self.ctx.data.train
         labels = self.teacher_labels() if distributed.is_main() else None
         labels = distributed.broadcast(labels)  # rank 0 labels (or reads the cache) for every rank
@@ -336,46 +297,89 @@ class Distill(Lora):
                 f"{self.name}: the teacher '{teacher['name']}' gave no parseable answer for any of the "
                 f"{len(train)} train inputs (see {self.out_dir / CACHE})"
             )
-        # the student trains on the kept rows only: a view of the run with those as train
-        self._run_ctx = self.ctx
-        self.ctx = _View(self.ctx, [e for e, _ in kept], self.ctx.data.test)
-        self.build_features([a for _, a in kept])
-        stats = super().fit()
+        # the student trains on the kept rows only, with the teacher's answers
+        kept_examples = [e for e, _ in kept]
+        student = self.ctx.with_data(train=kept_examples)
+        self.features, self.answers, self.truncated = steps.sft_features(
+            student, self.cfg, self.name, answers=[a for _, a in kept])
+
+        start, tok = self.ctx.base()  # the shared base, or the `from:` rung's model
+        check = forgetting.before(start, tok, self.cfg)
+        fp = self.ctx.fingerprint(self.name, training=True)
+
+        def train() -> dict[str, Any]:
+            from peft import get_peft_model
+
+            from lmladder.training import sft
+
+            self.model = get_peft_model(start, peft_config(self.cfg))  # the adapter goes into the base
+            self.trainable = weights.count_trainable(self.model)
+            extra = loss_fn = None
+            if self.cfg.kd == "logits":  # the teacher's top-k distributions at every answer token
+                t0 = time.perf_counter()
+                extra = self._teacher_distributions(self.model, kept_examples)
+                kd_seconds = time.perf_counter() - t0
+                loss_fn = functools.partial(kd_loss, alpha=self.cfg.kd_alpha, temperature=self.cfg.kd_temperature)
+            with steps.trainer_dirs(self.out_dir) as (work, checkpoints):
+                # no dev_metric: the dev split is judged against the teacher's labels, not gold
+                stats = sft.train(self.model, tok, self.features, self.answers, self.cfg, work, self.ctx.cfg.seed,
+                                  checkpoint_dir=checkpoints, fingerprint=fp, name=self.name,
+                                  extra=extra, loss_fn=loss_fn)
+            if self.cfg.kd == "logits":
+                stats["kd"] = {"mode": "logits", "alpha": self.cfg.kd_alpha, "temperature": self.cfg.kd_temperature,
+                               "top_k": self.cfg.kd_top_k, "teacher_forward_seconds": round(kd_seconds, 2)}
+            return stats
+
+        def load(folder) -> dict[str, Any]:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(start, folder).eval()
+            self.trainable = weights.count_trainable(self.model, loaded=True)
+            return {"truncated": self.truncated}
+
+        stats = weights.reuse_or_train(
+            self.out_dir / self.artifact, fp, train=train, load=load, name=self.name,
+            save=lambda tmp: self.model.save_pretrained(tmp, safe_serialization=True),
+            checkpoints=self.out_dir / "checkpoints",
+        )
+        stats["trainable_params"] = self.trainable
+        stats["trainable_share"] = weights.share_of_base(self.ctx, self.trainable, self.model)
+        forgetting.after(check, self.model, stats)
         return {"teacher": teacher, **stats}
 
-    def artifacts(self):
+    def predict(self):
+        """The student asked with the zero-shot prompt, its adapter merged (as lora's)."""
+        from peft import PeftModel
+
+        if self.model is None:  # merged away by an earlier predict: the adapter is on disk
+            self.model = PeftModel.from_pretrained(self.ctx.base()[0], self.out_dir / self.artifact).eval()
+        model, self.model = self.model, None  # merged below: nothing left for close() to unload
+        with weights.merged(model, self.ctx) as base:
+            return self.ctx.task.predict(base, self.ctx.fmt(), self.messages, self.ctx.data.test, desc=self.name)
+
+    def trainable_params(self) -> int:
+        return self.trainable
+
+    def artifacts(self) -> dict[str, str]:
         return {self.artifact: self.artifact, "teacher": CACHE}
 
-    def train_weights(self, model, tok, work, checkpoint_dir, fingerprint):
-        """kd: sequence — the SFT engine on the teacher's answers (SftRung); kd: logits — the
-        same engine with the teacher's top-k distributions at every answer token."""
-        if self.cfg.kd != "logits":
-            return super().train_weights(model, tok, work, checkpoint_dir, fingerprint)
-        import functools
+    def close(self) -> None:
+        if self.model is not None:  # the adapter's modules out of the shared base
+            model, self.model = self.model, None
+            weights.restore_base(self.ctx, model.unload())
+            del model
+            gc.collect()
 
-        from lmladder.training import sft
+    # ------------------------------------------------------------------ kd: logits
 
-        t0 = time.perf_counter()
-        extra = self._teacher_distributions(model)
-        kd_seconds = time.perf_counter() - t0
-        stats = sft.train(
-            model, tok, self.features, self.answers, self.cfg, work, self.ctx.cfg.seed,
-            checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, name=self.name, extra=extra,
-            loss_fn=functools.partial(kd_loss, alpha=self.cfg.kd_alpha, temperature=self.cfg.kd_temperature),
-        )
-        stats["kd"] = {"mode": "logits", "alpha": self.cfg.kd_alpha, "temperature": self.cfg.kd_temperature,
-                       "top_k": self.cfg.kd_top_k, "teacher_forward_seconds": round(kd_seconds, 2)}
-        return stats
-
-    def _teacher_distributions(self, student) -> list[dict]:
-        """Per training feature, the teacher's top-k log-probs at its answer tokens: the run's
-        model (adapter off) reading the teacher rung's prompt, or another model reading the
-        zero-shot prompt."""
+    def _teacher_distributions(self, student, examples) -> list[dict]:
+        """Per training feature (``examples``: the kept train rows), the teacher's top-k
+        log-probs at its answer tokens: the run's model (the student's adapter off) reading
+        the teacher rung's prompt, or another model reading the zero-shot prompt."""
         from lmladder.models import load_causal_lm
         from lmladder.prompts import ChatFormat
 
         spec, task = self.cfg.teacher.strip(), self.ctx.task
-        train = self.ctx.data.train  # the kept rows (the view set in fit)
         k, temp = self.cfg.kd_top_k, self.cfg.kd_temperature
         if teacher_kind(spec) == "model":
             model, tok, _ = load_causal_lm(spec[len("model:"):].strip())
@@ -384,17 +388,12 @@ class Distill(Lora):
                 raise LadderError(f"{self.name}.kd: logits: teacher {spec} has another vocabulary than the "
                                   f"student; use kd: sequence")
             fmt = ChatFormat(tok, self.ctx.cfg.task.system_prompt)
-            messages = [task.user_message(e) for e in train]
+            messages = [task.user_message(e) for e in examples]
             guard = None
         else:
-            from lmladder import registry
-
-            view = _View(self._run_ctx, self._run_ctx.data.train, train)  # shots from the whole train split
-            rung = registry.RUNGS[spec.partition("@")[0]](view, self.ctx.cfg.rung_config(spec), self.out_dir / "teacher")
-            rung.name = spec
-            rung.prepare()
-            messages = list(rung.messages)
-            rung.close()
+            # the teacher rung's prompts for the kept rows (its shots from the run's whole train split)
+            with self.ctx.rung_on(spec, test=examples, out_dir=self.out_dir / "teacher") as rung:
+                messages = list(rung.messages)
             model, fmt = student, self.ctx.fmt()
             guard = student.disable_adapter()  # the teacher is the model without the student's adapter
         eos = prompts.eos_token_ids(fmt.tokenizer, model)
@@ -404,7 +403,7 @@ class Distill(Lora):
             if guard is not None:
                 guard.__enter__()
             return [teacher_topk(model, fmt, m, a, f, eos, k, temp, e.source)
-                    for m, a, f, e in zip(messages, self.answers, self.features, train)]
+                    for m, a, f, e in zip(messages, self.answers, self.features, examples)]
         finally:
             if guard is not None:
                 guard.__exit__(None, None, None)
@@ -417,22 +416,25 @@ class Distill(Lora):
     # ------------------------------------------------------------------ the teacher
 
     def teacher_fingerprint(self) -> str:
-        """What the teacher's labels depend on: teacher spec and config, the model (a rung
-        teacher runs on the run's model), task, seed, eval settings and the train examples."""
+        """What the teacher's labels depend on: teacher spec, task, seed, eval settings and the
+        train examples; a callable's source file; a rung teacher's own fingerprint (its config
+        and extra, the model; ``ctx.fingerprint``), a model teacher's spec."""
         cfg, spec = self.ctx.cfg, self.cfg.teacher.strip()
         h = hashlib.sha256()
         for e in self.ctx.data.train:
             h.update(json.dumps([e.id, e.input, e.label, e.instruction, e.choices], default=str).encode())
+        kind = teacher_kind(spec)
         payload = {
             "teacher": spec,
             "task": cfg.task.model_dump(mode="json"),
             "seed": cfg.seed,
             "eval": cfg.eval.model_dump(mode="json"),
             "train": h.hexdigest(),
-            "extra": teacher_extra(cfg, spec),
+            "extra": {"teacher_source": source_digest(spec)} if kind == "callable" else {},
         }
-        if teacher_kind(spec) == "rung":
+        if kind == "rung":
             payload["model"] = cfg.model
+            payload["rung"] = self.ctx.fingerprint(spec)
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _read_cache(self, fp: str) -> dict | None:
@@ -543,22 +545,11 @@ class Distill(Lora):
             gc.collect()
 
     def _run_rung(self, spec: str):
-        """The teacher rung's prepare / predict with the train split as its test split."""
-        from lmladder import registry
-
-        cfg = self.ctx.cfg
-        tcls = registry.RUNGS[spec.partition("@")[0]]
-        tcfg = cfg.rung_config(spec)
-        if getattr(tcfg, "selection", None) == "similar":
+        """The teacher rung's prepare / predict with the train split as its test split (files
+        it writes go to rungs/<rung>/teacher/)."""
+        if getattr(self.ctx.cfg.rung_config(spec), "selection", None) == "similar":
             log.warning("%s: teacher %s with selection: similar puts each train input among its own "
                         "shots (with its gold label): the teacher mostly copies the gold", self.name, spec)
-        view = _View(self.ctx, self.ctx.data.train, self.ctx.data.train)
         out = self.out_dir / "teacher"
         out.mkdir(parents=True, exist_ok=True)
-        rung = tcls(view, tcfg, out)
-        rung.name = spec
-        try:
-            rung.prepare()
-            return rung.predict()
-        finally:
-            rung.close()
+        return self.ctx.predict_with(spec, split="train", out_dir=out)

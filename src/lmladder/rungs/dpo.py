@@ -16,9 +16,10 @@ No second copy of the model is ever held:
   rungs/full.py); TRL's ``precompute_ref_log_probs`` scores every train pair under the
   start model once before the first step, so no reference copy is kept.
 
-What lmladder adds (the rest of the rung is :class:`SftRung`: reuse of saved weights
-with the same fingerprint, the forgetting check, the atomic save, atomic checkpoints
-and resume through training/trl_train.py):
+What lmladder adds (besides what every weight-update rung has: reuse of saved weights
+with the same fingerprint and their atomic save, training/weights.py; the forgetting
+check, training/forgetting.py; atomic checkpoints and resume through
+training/trl_train.py):
 
 * **exact masking** -- we tokenise the pairs ourselves, the way the SFT rungs do:
   ``prompt_ids`` is the chat-template prompt the model sees at inference, ``chosen_ids``
@@ -43,17 +44,21 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import logging
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from lmladder.errors import LadderError
-from lmladder.rungs.sft_rung import LoraOrFullRung
-from typing import Literal
 from pydantic import Field
+
+from lmladder import prompts
+from lmladder.errors import LadderError
 from lmladder.options import AlignConfig
 from lmladder.run import distributed
-from lmladder import prompts
+from lmladder.rungs.base import Rung
+from lmladder.rungs.lora import peft_config
+from lmladder.training import forgetting, steps, weights
 
 
 class DpoConfig(AlignConfig):
@@ -163,16 +168,21 @@ def unpatch(model) -> None:
     inner.__dict__.pop("forward", None)
 
 
-class Dpo(LoraOrFullRung):
+class Dpo(Rung):
     name = "dpo"
     cost_rank = 26
+    trains = True
     summary = "DPO on preference pairs (TRL DPOTrainer; LoRA or full), usually from an SFT rung"
     kinds = ("preference",)
+
+    @property
+    def artifact(self) -> str:
+        """rungs/dpo/adapter (method: lora) or rungs/dpo/model (full: the whole model)."""
+        return "adapter" if self.cfg.method == "lora" else "model"
 
     # ------------------------------------------------------------------ data
 
     def prepare(self) -> None:
-
         task, fmt = self.ctx.task, self.ctx.fmt()
         model, tok = self.ctx.base()
         train = self.ctx.data.train
@@ -186,24 +196,69 @@ class Dpo(LoraOrFullRung):
                         "%s", self.name, self.truncated, self.cfg.max_length,
                         f", responses of {self.truncated_responses} cut from the end" if self.truncated_responses else "")
         self.messages = [task.user_message(ex) for ex in self.ctx.data.test]
-        self.adapter_dir = self.out_dir / self.artifact
-        self.model = None
-        self._trainable = 0
-        self._total = 0
-
-    # ------------------------------------------------------------------ model hooks
-
-    def base_for_training(self):
-
-        start = self.ctx.base()[0]
-        if distributed.is_main():  # the reference of the held-out pairs (rank 0 evaluates): the start model
-            self.ref_test, _ = self.ctx.task.score_pairs(start, self.ctx.fmt(), self.messages, self.ctx.data.test,
-                                                         desc=f"{self.name} reference")
-        return super().base_for_training()
+        self.trainable = 0
 
     # ------------------------------------------------------------------ training
 
+    def fit(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        start, tok = self.ctx.base()  # the shared base, or the `from:` rung's model: also the reference
+        if distributed.is_main():  # the reference of the held-out pairs (rank 0 evaluates): the start model
+            self.ref_test, _ = self.ctx.task.score_pairs(start, self.ctx.fmt(), self.messages, self.ctx.data.test,
+                                                         desc=f"{self.name} reference")
+        spent = time.perf_counter() - t0
+        check = forgetting.before(start, tok, self.cfg)
+        fp = self.ctx.fingerprint(self.name, training=True)
+
+        def train() -> dict[str, Any]:
+            self.model = self.wrap(start)
+            self.trainable = weights.count_trainable(self.model)
+            with steps.trainer_dirs(self.out_dir) as (work, checkpoints):
+                return self.train_weights(self.model, tok, work, checkpoints, fp)
+
+        def load(folder) -> dict[str, Any]:
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
+
+            if self.cfg.method == "lora":
+                self.model = PeftModel.from_pretrained(start, folder)
+            else:
+                self.model = AutoModelForCausalLM.from_pretrained(
+                    folder, dtype=start.dtype, use_safetensors=True).to(start.device)
+            self.model.eval()
+            self.trainable = weights.count_trainable(self.model, loaded=True)
+            return {"truncated": self.truncated}
+
+        stats = weights.reuse_or_train(
+            self.out_dir / self.artifact, fp, train=train, load=load, name=self.name, spent=spent,
+            save=lambda tmp: self.model.save_pretrained(tmp, safe_serialization=True),
+            checkpoints=self.out_dir / "checkpoints",
+        )
+        stats["trainable_params"] = self.trainable
+        stats["trainable_share"] = weights.share_of_base(self.ctx, self.trainable, self.model)
+        forgetting.after(check, self.model, stats)
+        stats.setdefault("truncated", self.truncated)
+        stats.setdefault("truncated_responses", self.truncated_responses)
+        stats.setdefault("method", self.cfg.method)
+        return stats
+
+    def wrap(self, start):
+        """What trains: ``method: lora`` -- a fresh LoRA adapter (lora's, seeded) on the start
+        model, removed again in ``close()``; ``full`` -- every weight of a private copy."""
+        if self.cfg.method == "full":
+            model = copy.deepcopy(start)
+            for p in model.parameters():
+                p.requires_grad_(True)
+            return model
+        from peft import get_peft_model
+        from transformers import set_seed
+
+        set_seed(self.ctx.cfg.seed)  # the adapter's initialisation
+        return get_peft_model(start, peft_config(self.cfg))
+
     def train_weights(self, model, tok, work: Path, checkpoint_dir: Path | None, fingerprint: str) -> dict[str, Any]:
+        """TRL's DPOTrainer on the pre-tokenised pairs (training/trl_train.run); the start
+        model's pad ids and forward are as before afterwards."""
         from datasets import Dataset
         from trl import DPOConfig
 
@@ -239,20 +294,13 @@ class Dpo(LoraOrFullRung):
         })
         return stats
 
-    def fit(self) -> dict[str, Any]:
-        stats = super().fit()
-        stats.setdefault("truncated", self.truncated)
-        stats.setdefault("truncated_responses", self.truncated_responses)
-        stats.setdefault("method", self.cfg.method)
-        return stats
-
     # ------------------------------------------------------------------ evaluation
 
     def predict(self):
         from lmladder.tasks.preference import pair_prediction
 
         task, fmt = self.ctx.task, self.ctx.fmt()
-        policy = self.scoring_model()
+        policy = self.model
         records, info = task.predict(policy, fmt, self.messages, self.ctx.data.test, desc=self.name)
         if all("logp_chosen" in r and "logp_rejected" in r for r in records):
             logps = [(r["logp_chosen"], r["logp_rejected"]) for r in records]
@@ -265,3 +313,18 @@ class Dpo(LoraOrFullRung):
             preds.append({**rec, **pair_prediction(c - r, reward_chosen=c, reward_rejected=r, logp_chosen=pc,
                                                    logp_rejected=pr, ref_logp_chosen=rc, ref_logp_rejected=rr)})
         return preds, {**info, "margin_kind": "implicit DPO reward, beta * (policy - reference) log-prob margin"}
+
+    def trainable_params(self) -> int:
+        return self.trainable
+
+    def artifacts(self) -> dict[str, str]:
+        return {self.artifact: self.artifact}
+
+    def close(self) -> None:
+        if self.model is not None:
+            model, self.model = self.model, None
+            if self.cfg.method == "lora":  # the adapter's modules out of the shared base
+                weights.restore_base(self.ctx, model.unload())
+            # full: a private copy; dropping it leaves the start model as it was
+            del model
+            gc.collect()

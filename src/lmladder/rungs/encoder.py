@@ -22,12 +22,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lmladder.errors import LadderError
-from lmladder.io import atomic_dir
-from lmladder.rungs.base import Rung
 from pydantic import Field
+
+from lmladder.errors import LadderError
 from lmladder.options import ConfigModel
-from lmladder.run import distributed
+from lmladder.rungs.base import Rung
+from lmladder.training import weights
 
 
 class EncoderConfig(ConfigModel):
@@ -198,37 +198,40 @@ class Encoder(Rung):
         }
 
     def fit(self) -> dict[str, Any]:
-        from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding, set_seed
-
-        from lmladder.training import hf_train
-
         fp = self.ctx.fingerprint(self.name, training=True)
-        stamp = self.model_dir / "lmladder_fingerprint.txt"
-        if stamp.is_file() and stamp.read_text().strip() == fp:
-            log.info("encoder: reusing the trained model in %s", self.model_dir)
-            self.model = self._load(str(self.model_dir), True, fresh_head=False)
+
+        def train() -> dict[str, Any]:
+            from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding, set_seed
+
+            from lmladder.training import hf_train
+
+            seed = self.ctx.cfg.seed
+            set_seed(seed)  # the new head's initialisation
+            self.model = self._load(self.path, self.local_only, fresh_head=True)
+            strip = [{k: v for k, v in r.items() if k in ("input_ids", "attention_mask", "labels")}
+                     for r in self.train_rows]
+            collator = (DataCollatorForTokenClassification(self.tok) if self.tagging
+                        else DataCollatorWithPadding(self.tok))
+            stats = hf_train.train(self.model, self.cfg, strip, collator, self.out_dir / ".trainer", seed)
+            return {
+                **stats,
+                "train_examples": len(strip),
+                "truncated_train": self.train_cut,
+                "labels": self.labels,
+                "model": self._info(),
+            }
+
+        def save(tmp: Path) -> None:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tok.save_pretrained(tmp)
+
+        def load(folder: Path) -> dict[str, Any]:
+            self.model = self._load(str(folder), True, fresh_head=False)
             self.model.eval()
-            return {"reused_model": True, "model": self._info()}
-        seed = self.ctx.cfg.seed
-        set_seed(seed)  # the new head's initialisation
-        self.model = self._load(self.path, self.local_only, fresh_head=True)
-        strip = [{k: v for k, v in r.items() if k in ("input_ids", "attention_mask", "labels")}
-                 for r in self.train_rows]
-        collator = (DataCollatorForTokenClassification(self.tok) if self.tagging
-                    else DataCollatorWithPadding(self.tok))
-        stats = hf_train.train(self.model, self.cfg, strip, collator, self.out_dir / ".trainer", seed)
-        if distributed.is_main():  # under torchrun only rank 0 writes
-            with atomic_dir(self.model_dir) as tmp:
-                self.model.save_pretrained(tmp, safe_serialization=True)
-                self.tok.save_pretrained(tmp)
-                (tmp / "lmladder_fingerprint.txt").write_text(fp + "\n")
-        return {
-            **stats,
-            "train_examples": len(strip),
-            "truncated_train": self.train_cut,
-            "labels": self.labels,
-            "model": self._info(),
-        }
+            return {"model": self._info()}
+
+        return weights.reuse_or_train(self.model_dir, fp, train=train, save=save, load=load, name=self.name,
+                                      flag="reused_model")
 
     def trainable_params(self) -> int:
         if self.model is None:

@@ -31,7 +31,7 @@ value as a curve for the report):
 * ``method: full`` with ``beta > 0``: the reference is a frozen copy of the start model
   (TRL would reload the base from its hub name, which is not the ``from:`` model).
 * the shared base is handed back clean: TRL patches its ``forward`` (fused LM head) and
-  its pad / EOS ids; ``release`` undoes both.
+  its pad / EOS ids; ``train_weights`` and ``close`` undo both.
 
 Predictions afterwards are the task's usual ones with the trained policy (greedy
 generation, or label scoring for classification), so the metric is comparable with every
@@ -42,15 +42,19 @@ rung's model. The reward curve (mean reward per step) is in the report.
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 from pathlib import Path
 from typing import Any
 
-from lmladder.errors import LadderError
-from lmladder.rungs.sft_rung import LoraOrFullRung
 from pydantic import Field
+
+from lmladder.errors import LadderError
 from lmladder.options import AlignConfig
 from lmladder.run import distributed
+from lmladder.rungs.base import Rung
+from lmladder.rungs.lora import peft_config
+from lmladder.training import forgetting, steps, weights
 
 
 class GrpoConfig(AlignConfig):
@@ -128,11 +132,18 @@ def stop_ids(fmt, model) -> list[int]:
     return sorted(ids)
 
 
-class Grpo(LoraOrFullRung):
+class Grpo(Rung):
     name = "grpo"
     cost_rank = 28
+    trains = True
     summary = "GRPO: RL from verifiable rewards on the train prompts (LoRA or full)"
     # every generative kind, and preference (the RLHF loop: rewards: [reward-model])
+    kinds = Rung.kinds + ("preference",)
+
+    @property
+    def artifact(self) -> str:
+        """rungs/grpo/adapter (method: lora) or rungs/grpo/model (full: the whole model)."""
+        return "adapter" if self.cfg.method == "lora" else "model"
 
     # ------------------------------------------------------------------ config checks
 
@@ -179,22 +190,13 @@ class Grpo(LoraOrFullRung):
                 out[n] = plugins.source_digest(n)
         return out
 
-    # ------------------------------------------------------------------ what is trained
-
-    def release(self, model) -> None:
-        if self.cfg.method == "lora":
-            _unpatch(model.get_base_model())  # the stop ids set for training
-        super().release(model)
-
-    # ------------------------------------------------------------------ rung interface
+    # ------------------------------------------------------------------ data
 
     def prepare(self) -> None:
         task, fmt = self.ctx.task, self.ctx.fmt()
         model, tok = self.ctx.base()
         self.messages = [task.user_message(ex) for ex in self.ctx.data.test]
-        self.adapter_dir = self.out_dir / self.artifact
-        self.model = None
-        self._trainable = self._total = 0
+        self.trainable = 0
         budget = self.cfg.max_length - self.cfg.max_completion_length
         self.rows, self.prompt_ids, self.truncated = [], {}, 0
         for i, ex in enumerate(self.ctx.data.train):
@@ -216,6 +218,55 @@ class Grpo(LoraOrFullRung):
                         self.name, self.truncated, budget)
         self.stop = stop_ids(fmt, model)
 
+    # ------------------------------------------------------------------ training
+
+    def fit(self) -> dict[str, Any]:
+        start, tok = self.ctx.base()  # the shared base, or the `from:` rung's model (the reference)
+        check = forgetting.before(start, tok, self.cfg)
+        fp = self.ctx.fingerprint(self.name, training=True)
+
+        def train() -> dict[str, Any]:
+            self.model = self.wrap(start)
+            self.trainable = weights.count_trainable(self.model)
+            with steps.trainer_dirs(self.out_dir) as (work, checkpoints):
+                return self.train_weights(self.model, tok, work, checkpoints, fp)
+
+        def load(folder) -> dict[str, Any]:
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
+
+            if self.cfg.method == "lora":
+                self.model = PeftModel.from_pretrained(start, folder)
+            else:
+                self.model = AutoModelForCausalLM.from_pretrained(
+                    folder, dtype=start.dtype, use_safetensors=True).to(start.device)
+            self.model.eval()
+            self.trainable = weights.count_trainable(self.model, loaded=True)
+            return {"truncated": self.truncated}
+
+        stats = weights.reuse_or_train(
+            self.out_dir / self.artifact, fp, train=train, load=load, name=self.name,
+            save=lambda tmp: self.model.save_pretrained(tmp, safe_serialization=True),
+            checkpoints=self.out_dir / "checkpoints",
+        )
+        stats["trainable_params"] = self.trainable
+        stats["trainable_share"] = weights.share_of_base(self.ctx, self.trainable, self.model)
+        return forgetting.after(check, self.model, stats)
+
+    def wrap(self, start):
+        """What trains: ``method: lora`` -- a fresh LoRA adapter (lora's, seeded) on the start
+        model, removed again in ``close()``; ``full`` -- every weight of a private copy."""
+        if self.cfg.method == "full":
+            model = copy.deepcopy(start)
+            for p in model.parameters():
+                p.requires_grad_(True)
+            return model
+        from peft import get_peft_model
+        from transformers import set_seed
+
+        set_seed(self.ctx.cfg.seed)  # the adapter's initialisation
+        return get_peft_model(start, peft_config(self.cfg))
+
     def method_args(self) -> dict[str, Any]:
         c = self.cfg
         return dict(
@@ -230,6 +281,8 @@ class Grpo(LoraOrFullRung):
         )
 
     def train_weights(self, model, tok, work: Path, checkpoint_dir: Path | None, fingerprint: str) -> dict[str, Any]:
+        """TRL's GRPOTrainer with our prompts, stop ids and rewards (training/trl_train.run);
+        the model's stop / pad ids (and, full, its forward) are as before afterwards."""
         from trl import GRPOConfig
         import datasets
 
@@ -266,6 +319,27 @@ class Grpo(LoraOrFullRung):
             "completions_per_step": c.batch_size * c.grad_accum,
         })
         return stats
+
+    # ------------------------------------------------------------------ evaluation
+
+    def predict(self):
+        return self.ctx.task.predict(self.model, self.ctx.fmt(), self.messages, self.ctx.data.test, desc=self.name)
+
+    def trainable_params(self) -> int:
+        return self.trainable
+
+    def artifacts(self) -> dict[str, str]:
+        return {self.artifact: self.artifact}
+
+    def close(self) -> None:
+        if self.model is not None:
+            model, self.model = self.model, None
+            if self.cfg.method == "lora":  # TRL's forward patch and the adapter's modules out of the base
+                _unpatch(model.get_base_model())
+                weights.restore_base(self.ctx, model.unload())
+            # full: a private copy; dropping it leaves the start model as it was
+            del model
+            gc.collect()
 
 
 def _gold_text(task, ex) -> str:

@@ -1,13 +1,19 @@
 """prefix-tuning: learned key/value prefixes (``num_virtual_tokens`` per layer) via
 PEFT; the model's weights are untouched. No packing (each sequence needs the prefix);
 predictions go through inference/prompt_learning.VirtualTokenModel so the shared-prefix
-scoring cache keeps the learned prefix."""
+scoring cache keeps the learned prefix (PEFT's own forward would overwrite it). Same data
+path, training engine, checkpoints and forgetting check as lora."""
 
 from __future__ import annotations
 
-from lmladder.rungs.sft_rung import PromptLearningRung
+import gc
+from typing import Any
+
 from pydantic import Field
+
 from lmladder.options import TrainConfig
+from lmladder.rungs.base import Rung
+from lmladder.training import forgetting, steps, weights
 
 
 class PrefixTuningConfig(TrainConfig):
@@ -18,16 +24,96 @@ class PrefixTuningConfig(TrainConfig):
     )
 
 
-class PrefixTuning(PromptLearningRung):
+def peft_config(cfg):
+    from peft import PrefixTuningConfig, TaskType
+
+    return PrefixTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=cfg.num_virtual_tokens,
+        prefix_projection=cfg.projection,
+    )
+
+
+class PrefixTuning(Rung):
     name = "prefix-tuning"
     cost_rank = 21
+    trains = True
     summary = "learned key/value prefix per layer, SFT on the train split"
+    kinds = Rung.kinds + ("preference",)  # scores chosen vs rejected (tasks/preference.py)
+    artifact = "adapter"  # rungs/prefix-tuning/adapter: the learned prefix
 
-    def peft_config(self):
-        from peft import PrefixTuningConfig, TaskType
+    @classmethod
+    def validate(cls, cfg, dataset) -> None:
+        steps.check_step_plan(cfg, dataset, cls.name)
 
-        return PrefixTuningConfig(
-            task_type=TaskType.CAUSAL_LM,
-            num_virtual_tokens=self.cfg.num_virtual_tokens,
-            prefix_projection=self.cfg.projection,
+    def prepare(self) -> None:
+        self.features, self.answers, self.truncated = steps.sft_features(self.ctx, self.cfg, self.name)
+        self.messages = [self.ctx.task.user_message(ex) for ex in self.ctx.data.test]
+        self.trainable = 0
+        self.scorer = None
+
+    def fit(self) -> dict[str, Any]:
+        start, tok = self.ctx.base()  # the shared base, or the `from:` rung's model
+        check = forgetting.before(start, tok, self.cfg)
+        fp = self.ctx.fingerprint(self.name, training=True)
+
+        def train() -> dict[str, Any]:
+            from peft import get_peft_model
+
+            from lmladder.inference.prompt_learning import VirtualTokenModel
+            from lmladder.training import sft
+
+            self.model = get_peft_model(start, peft_config(self.cfg))  # the base's modules untouched
+            self.trainable = weights.count_trainable(self.model)
+            with steps.trainer_dirs(self.out_dir) as (work, checkpoints):
+                return sft.train(self.model, tok, self.features, self.answers, self.cfg, work, self.ctx.cfg.seed,
+                                 checkpoint_dir=checkpoints, fingerprint=fp, name=self.name,
+                                 no_packing_reason=steps.VIRTUAL_TOKENS_NO_PACKING,
+                                 # fresh each time: the prefix changes while training
+                                 dev_metric=steps.dev_metric(self.ctx, self.cfg, self.name, scorer=VirtualTokenModel))
+
+        def load(folder) -> dict[str, Any]:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(start, folder).eval()
+            self.trainable = weights.count_trainable(self.model, loaded=True)
+            return {"truncated": self.truncated}
+
+        stats = weights.reuse_or_train(
+            self.out_dir / self.artifact, fp, train=train, load=load, name=self.name,
+            save=lambda tmp: self.model.save_pretrained(tmp, safe_serialization=True),
+            checkpoints=self.out_dir / "checkpoints",
         )
+        stats["trainable_params"] = self.trainable
+        stats["trainable_share"] = weights.share_of_base(self.ctx, self.trainable, self.model)
+        if check is not None:
+            forgetting.after(check, self.scoring_model(), stats)
+        return stats
+
+    def scoring_model(self):
+        """The learned prefix as a KV cache in front of every call
+        (inference/prompt_learning.VirtualTokenModel), as the task scorer calls a model."""
+        from lmladder.inference.prompt_learning import VirtualTokenModel
+
+        if self.scorer is None or self.scorer.peft_model is not self.model:
+            self.model.eval()
+            self.scorer = VirtualTokenModel(self.model)
+        return self.scorer
+
+    def predict(self):
+        return self.ctx.task.predict(self.scoring_model(), self.ctx.fmt(), self.messages, self.ctx.data.test,
+                                     desc=self.name)
+
+    def trainable_params(self) -> int:
+        return self.trainable
+
+    def artifacts(self) -> dict[str, str]:
+        return {self.artifact: self.artifact}
+
+    def close(self) -> None:
+        if self.model is not None:  # PEFT wrapped the base without touching its modules
+            model, self.model = self.model, None
+            self.scorer = None
+            weights.restore_base(self.ctx, model.get_base_model())
+            del model
+            gc.collect()

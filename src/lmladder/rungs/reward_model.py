@@ -39,18 +39,19 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
+from lmladder.errors import LadderError
+from lmladder.options import AlignConfig
 from lmladder.prompts import eos_token_ids as end_of_turn_ids  # the template's end-of-turn ids
 from lmladder.prompts import response_ids
-from lmladder.errors import LadderError
+from lmladder.run import distributed
 from lmladder.rungs.base import Rung
 from lmladder.tasks.preference import pair_prediction
-from pydantic import Field
-from lmladder.options import AlignConfig
-from lmladder.run import distributed
+from lmladder.training import steps, weights
 
 
 class RewardModelConfig(AlignConfig):
@@ -83,8 +84,7 @@ def folder_digest(folder: Path) -> str | None:
     rung wrote, else the folder's file names, sizes and mtimes."""
     from lmladder.plugins import folder_digest as files_digest
 
-    stamp = Path(folder) / "lmladder_fingerprint.txt"
-    return stamp.read_text().strip() if stamp.is_file() else files_digest(folder)
+    return weights.stamp_of(folder) or files_digest(folder)
 
 
 def pick_pad_id(tok, eot: set[int]) -> int:
@@ -241,10 +241,70 @@ class RewardModel(Rung):
         self.train_pairs = [pair(e, task.train_message(e)) for e in self.ctx.data.train]
         self.test_pairs = [pair(e, task.user_message(e)) for e in self.ctx.data.test]
         self.model_dir = self.out_dir / MODEL_DIR
-        self.model = None
-        self._trainable = 0
+        self.trainable = 0
 
     # ---------------------------------------------------------------- training
+
+    def fit(self) -> dict[str, Any]:
+        causal, tok = self.ctx.base()  # the shared base, or the `from:` rung's model: its backbone is copied
+        fp = self.ctx.fingerprint(self.name, training=True)
+        # TRL sets pad on its tokenizer: leave the shared one alone
+        tok_copy = copy.deepcopy(tok)
+        tok_copy.pad_token = tok_copy.convert_ids_to_tokens(self.pad_id)
+
+        def train() -> dict[str, Any]:
+            from datasets import Dataset
+            from transformers import set_seed
+            from trl import RewardConfig, RewardTrainer
+
+            from lmladder.training import trl_train
+
+            set_seed(self.ctx.cfg.seed)  # the fresh score head is seeded (resume needs the same init)
+            model = seqcls_from_causal(causal)
+            model.config.pad_token_id = self.pad_id
+            model = self._wrap(model)
+            self.trainable = weights.count_trainable(model)
+            train = Dataset.from_dict({"chosen_ids": [c for c, _ in self.train_pairs],
+                                       "rejected_ids": [r for _, r in self.train_pairs]})
+            with steps.trainer_dirs(self.out_dir) as (work, checkpoints):
+                stats = trl_train.run(
+                    RewardTrainer, RewardConfig, model=model, cfg=self.cfg, train_dataset=train,
+                    processing_class=tok_copy, seed=self.ctx.cfg.seed, name=self.name,
+                    checkpoint_dir=checkpoints, fingerprint=fp, work_dir=work,
+                    method_args={"max_length": None, "remove_unused_columns": False, "dataset_num_proc": None},
+                )
+            if not distributed.is_main():  # under torchrun rank 0 saves and evaluates
+                return stats
+            if model.config.pad_token_id != self.pad_id:
+                raise LadderError(f"reward-model: the trainer changed the pad token ({model.config.pad_token_id} "
+                                  f"!= {self.pad_id})")
+            self.model = model.merge_and_unload() if self.cfg.method == "lora" else model  # saved merged
+            self.model.eval()
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            return stats
+
+        def save(tmp: Path) -> None:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            tok_copy.save_pretrained(tmp)
+            (tmp / META).write_text(json.dumps({"max_length": self.cfg.max_length, "pad_token_id": self.pad_id,
+                                                "end_of_turn_ids": sorted(self.eot),
+                                                "trainable_params": self.trainable, "method": self.cfg.method,
+                                                "base_model": self.ctx.cfg.model}, indent=1) + "\n")
+
+        def load(folder: Path) -> None:
+            self._load_saved()
+            self.trainable = json.loads((folder / META).read_text()).get("trainable_params", 0)
+
+        stats = weights.reuse_or_train(self.model_dir, fp, train=train, save=save, load=load, name=self.name,
+                                       flag="reused_model", checkpoints=self.out_dir / "checkpoints")
+        if not distributed.is_main():
+            return stats
+        base_params = self.ctx.model_info.get("parameters") or sum(p.numel() for p in causal.parameters())
+        return {**stats, "method": self.cfg.method, "from": self.cfg.from_, "truncated": self.truncated,
+                "pad_token_id": self.pad_id,
+                "forgetting_check": "not applicable: the reward model is a sequence classifier (no LM head)",
+                "trainable_params": self.trainable, "trainable_share": self.trainable / base_params}
 
     def _wrap(self, model):
         if self.cfg.method == "full":
@@ -257,69 +317,6 @@ class RewardModel(Rung):
             task_type=TaskType.SEQ_CLS, r=self.cfg.r, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout,
             target_modules=self.cfg.target_modules, modules_to_save=["score"],
         ))
-
-    def fit(self) -> dict[str, Any]:
-        from datasets import Dataset
-        from transformers import set_seed
-        from trl import RewardConfig, RewardTrainer
-
-        from lmladder.training import trl_train
-        from lmladder.io import atomic_dir
-
-        causal, tok = self.ctx.base()
-        fp = self.ctx.fingerprint(self.name, training=True)
-        stamp = self.model_dir / "lmladder_fingerprint.txt"
-        base_params = self.ctx.model_info.get("parameters") or sum(p.numel() for p in causal.parameters())
-        common = {"method": self.cfg.method, "from": self.cfg.from_, "truncated": self.truncated,
-                  "pad_token_id": self.pad_id,
-                  "forgetting_check": "not applicable: the reward model is a sequence classifier (no LM head)"}
-        if distributed.broadcast(distributed.is_main() and stamp.is_file() and stamp.read_text().strip() == fp):
-            if not distributed.is_main():
-                return {"reused_model": True}
-            log.info("%s: reusing the trained reward model in %s", self.name, self.model_dir)
-            self._load_saved()
-            meta = json.loads((self.model_dir / META).read_text())
-            self._trainable = meta.get("trainable_params", 0)
-            return {"reused_model": True, **common, "trainable_params": self._trainable,
-                    "trainable_share": self._trainable / base_params}
-        set_seed(self.ctx.cfg.seed)  # the fresh score head is seeded (resume needs the same init)
-        model = seqcls_from_causal(causal)
-        model.config.pad_token_id = self.pad_id
-        model = self._wrap(model)
-        self._trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        train = Dataset.from_dict({"chosen_ids": [c for c, _ in self.train_pairs],
-                                   "rejected_ids": [r for _, r in self.train_pairs]})
-        tok_copy = copy.deepcopy(tok)  # TRL sets pad on its tokenizer: leave the shared one alone
-        tok_copy.pad_token = tok_copy.convert_ids_to_tokens(self.pad_id)
-        work = self.out_dir / ".trainer" if distributed.is_main() else None
-        stats = trl_train.run(
-            RewardTrainer, RewardConfig, model=model, cfg=self.cfg, train_dataset=train,
-            processing_class=tok_copy, seed=self.ctx.cfg.seed, name=self.name,
-            checkpoint_dir=self.out_dir / "checkpoints" if distributed.is_main() else None, fingerprint=fp, work_dir=work,
-            method_args={"max_length": None, "remove_unused_columns": False, "dataset_num_proc": None},
-        )
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)
-        if not distributed.is_main():  # under torchrun rank 0 saves and evaluates
-            return stats
-        if model.config.pad_token_id != self.pad_id:
-            raise LadderError(f"reward-model: the trainer changed the pad token ({model.config.pad_token_id} != {self.pad_id})")
-        merged = model.merge_and_unload() if self.cfg.method == "lora" else model
-        merged.eval()
-        for p in merged.parameters():
-            p.requires_grad_(False)
-        with atomic_dir(self.model_dir) as tmp:
-            merged.save_pretrained(tmp, safe_serialization=True)
-            tok_copy.save_pretrained(tmp)
-            (tmp / META).write_text(json.dumps({"max_length": self.cfg.max_length, "pad_token_id": self.pad_id,
-                                                "end_of_turn_ids": sorted(self.eot),
-                                                "trainable_params": self._trainable, "method": self.cfg.method,
-                                                "base_model": self.ctx.cfg.model}, indent=1) + "\n")
-            (tmp / "lmladder_fingerprint.txt").write_text(fp + "\n")
-        shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)
-        self.model = merged
-        return {**stats, **common, "trainable_params": self._trainable,
-                "trainable_share": self._trainable / base_params}
 
     def _load_saved(self) -> None:
         self.scorer = RewardScorer.from_folder(self.model_dir, self.ctx.fmt(), self.ctx.cfg.eval.batch_size)
@@ -340,7 +337,7 @@ class RewardModel(Rung):
                        "margin_kind": "reward model score r(chosen) - r(rejected)"}
 
     def trainable_params(self) -> int:
-        return self._trainable
+        return self.trainable
 
     def artifacts(self):
         return {MODEL_DIR: MODEL_DIR}

@@ -141,7 +141,7 @@ def resolve_target(target: str | None, model: str | None = None, extra: list[str
     if t is not None and t.is_dir() and (t / "config.yaml").is_file():
         run_dir = str(t)
         if base is None:
-            from lmladder.run.ladder import read_run
+            from lmladder.run.folder import read_run
 
             base = read_run(t).cfg.model
         rungs = t / "rungs"

@@ -458,37 +458,8 @@ class Engine:
                 if r.job.cancelled or r.job.failed:
                     active[i] = False
                     continue
-                t = nxt_list[i]
-                r.ids.append(t)
                 n_new += 1
-                if want_lp[i]:
-                    k = r.params.logprobs
-                    top = {}
-                    if k:
-                        v, ix = lps[i].topk(k)
-                        top = dict(zip(ix.tolist(), v.clamp(min=LOGPROB_FLOOR).tolist()))
-                    r.gen_logprobs.append((t, max(float(lps[i, t]), LOGPROB_FLOOR), top))
-                if t in self.eos_ids:
-                    self._finish(r, "stop")
-                    active[i] = False
-                    continue
-                text = self.decode([x for x in r.ids if x not in self.eos_ids])
-                cut = _find_stop(text, r.params.stop)
-                if cut is not None:
-                    r.text = text[:cut]
-                    self._finish(r, "stop")
-                    active[i] = False
-                    continue
-                r.text = text
-                if len(r.ids) >= r.params.max_tokens:
-                    self._finish(r, "length")
-                    active[i] = False
-                    continue
-                if r.job.stream:
-                    safe = _safe_prefix(text, r.params.stop)
-                    if len(safe) > r.sent:
-                        r.job.emit(("delta", r.index, safe[r.sent :]))
-                        r.sent = len(safe)
+                active[i] = self._advance(r, nxt_list[i], lps[i] if want_lp[i] else None)
             if self.metrics and n_new:
                 self.metrics.inc("lmladder_generated_tokens_total", n_new)
             if not any(active):
@@ -506,6 +477,38 @@ class Engine:
         for i, r in enumerate(rows):  # safety net: a row not finished by the loop
             if active[i]:
                 self._finish(r, "length")
+
+    def _advance(self, r: Row, t: int, lps) -> bool:
+        """Row ``r`` takes token ``t`` (``lps``: this step's log-probs when the row asked for
+        them): stop at an end token, a stop string or max_tokens (the row is finished), else
+        stream what is safe to stream. False when the row is done."""
+        r.ids.append(t)
+        if lps is not None:
+            k = r.params.logprobs
+            top = {}
+            if k:
+                v, ix = lps.topk(k)
+                top = dict(zip(ix.tolist(), v.clamp(min=LOGPROB_FLOOR).tolist()))
+            r.gen_logprobs.append((t, max(float(lps[t]), LOGPROB_FLOOR), top))
+        if t in self.eos_ids:
+            self._finish(r, "stop")
+            return False
+        text = self.decode([x for x in r.ids if x not in self.eos_ids])
+        cut = _find_stop(text, r.params.stop)
+        if cut is not None:
+            r.text = text[:cut]
+            self._finish(r, "stop")
+            return False
+        r.text = text
+        if len(r.ids) >= r.params.max_tokens:
+            self._finish(r, "length")
+            return False
+        if r.job.stream:
+            safe = _safe_prefix(text, r.params.stop)
+            if len(safe) > r.sent:
+                r.job.emit(("delta", r.index, safe[r.sent :]))
+                r.sent = len(safe)
+        return True
 
     def _choose(self, logits, rows: list[Row], active: list[bool]):
         import torch

@@ -88,10 +88,11 @@ class Predictor:
     """One rung of a run folder, ready to predict for rows of the task's input fields."""
 
     def __init__(self, run_dir: str | Path, rung: str | None = None):
-        from lmladder.run import ladder
+        from lmladder.registry import rung_class
+        from lmladder.run.folder import read_run
         from lmladder.tasks import make_task
 
-        run = ladder.read_run(run_dir)
+        run = read_run(run_dir)
         self.run, self.cfg = run, run.cfg
         if rung is None:
             try:
@@ -107,7 +108,7 @@ class Predictor:
 
         if base not in registry.RUNGS or ("@" in rung and rung not in self.cfg.copies):
             raise LadderError(f"--rung {rung}: unknown rung (finished in {run.dir}: {', '.join(run.finished) or 'none'})")
-        cls = ladder.rung_class(rung)
+        cls = rung_class(rung)
         self.rc = self.cfg.rung_config(rung)
         kind = self.cfg.task.kind
         why = None

@@ -76,6 +76,7 @@ def final_part(text: str) -> str:
 
 class Task:
     kind: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # what an answer is and how it is scored (--help, docs)
     metric_names: ClassVar[tuple[str, ...]] = ()
     generative: ClassVar[bool] = True  # predictions come from generated text
     answer_word: ClassVar[str] = "Answer"
@@ -83,6 +84,13 @@ class Task:
 
     def __init__(self, cfg, labels: Sequence[str], eval_cfg, seed: int):
         self.cfg, self.labels, self.eval_cfg, self.seed = cfg, list(labels), eval_cfg, seed
+
+    @classmethod
+    def fingerprint_part(cls, cfg) -> dict:
+        """What a rung's result depends on besides the run's task / data / rung settings, for
+        this kind (run/fingerprint.py): e.g. preference's win-rate judge. Evaluation only:
+        trained weights never depend on it."""
+        return {}
 
     @classmethod
     def metrics_for(cls, task_cfg) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ from lmladder.tasks.base import Grammar, Task, continuation_texts, continuations
 
 class ClassificationTask(Task):
     kind = "classification"
+    summary = 'a label from a fixed set (label log-likelihood)'
     metric_names = ("accuracy", "macro_f1")
     generative = False
     answer_word = "Label"

@@ -191,6 +191,7 @@ def items(value) -> Counter:
 
 class ExtractionTask(Task):
     kind = "extraction"
+    summary = 'JSON against a schema (valid JSON, schema-valid, entity P/R/F1)'
     metric_names = ("f1", "precision", "recall", "valid_json", "schema_valid")
 
     def __init__(self, cfg, labels, eval_cfg, seed):

@@ -20,6 +20,7 @@ def load_metric_fn(spec: str) -> tuple[str, Callable[[str, str], float]]:
 
 class GenerationTask(TextAnswerTask):
     kind = "generation"
+    summary = 'free text (exact match, token F1, your metric_fn)'
     metric_names = ("exact_match", "token_f1")
 
     def __init__(self, cfg, labels, eval_cfg, seed):

@@ -132,6 +132,7 @@ def check_equations(text: str) -> tuple[int, int]:
 
 class MathTask(Task):
     kind = "math"
+    summary = 'a numeric answer in free text (exact match)'
     metric_names = ("exact_match",)
 
     def default_instruction(self) -> str:

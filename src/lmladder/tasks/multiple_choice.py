@@ -28,6 +28,7 @@ def _clean(s: str) -> str:
 
 class MultipleChoiceTask(Task):
     kind = "multiple-choice"
+    summary = "one of each example's choices"
     metric_names = ("accuracy", "accuracy_norm")
     generative = False
     plain_end = ""  # plain prompts score " <choice>" exactly as lm-eval does

@@ -34,9 +34,14 @@ def pair_prediction(margin: float, **extra: Any) -> dict:
 
 class PreferenceTask(Task):
     kind = "preference"
+    summary = '(prompt, chosen, rejected) pairs (reward accuracy, margin, win rate)'
     metric_names = ("reward_accuracy", "margin")
     generative = False
     judge_cfg = None  # the run's JudgeConfig (set by the ladder): responses for the win rate
+
+    @classmethod
+    def fingerprint_part(cls, cfg) -> dict:
+        return {"judge": cfg.judge.model_dump(mode="json")}  # responses / win rate follow the judge settings
 
     def responses(self, model, fmt, messages, desc: str = "responses"):
         """Greedy responses (``judge.max_new_tokens``) to ``messages``; (texts, GenStats)."""

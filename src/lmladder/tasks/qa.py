@@ -66,6 +66,7 @@ class TextAnswerTask(Task):
 
 class QATask(TextAnswerTask):
     kind = "qa"
+    summary = 'a short answer (SQuAD exact match and token F1)'
     metric_names = ("exact_match", "f1")
 
     def default_instruction(self) -> str:

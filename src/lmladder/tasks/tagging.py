@@ -89,6 +89,7 @@ def tag_set(examples) -> list[str]:
 
 class TaggingTask(Task):
     kind = "tagging"
+    summary = 'BIO tags per token (encoder rung only)'
     metric_names = ("f1", "precision", "recall", "token_accuracy")
     generative = False
 

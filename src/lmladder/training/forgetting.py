@@ -4,14 +4,21 @@ Every weight-update rung scores the same text (default: a WikiText-2 sample ship
 ``lmladder/data_files``) with the model it starts from and with the trained model, and
 reports both in its result (``details.forgetting``). A large rise means the adaptation
 damaged general language modelling.
+
+A rung calls :func:`before` with the model it starts from (before any adapter goes in) and
+:func:`after` with the model it predicts with; the seconds both take are reported apart
+(``details.forgetting_seconds``): they are not training cost.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from lmladder.errors import LadderError
 
@@ -88,3 +95,46 @@ def perplexity(model, chunks: list[list[int]], pad_id: int, batch_size: int = 4)
     if was_training:
         model.train()
     return math.exp(nll / max(count, 1))
+
+
+# --------------------------------------------------------------------------- before / after training
+
+
+@dataclass
+class Check:
+    """A forgetting check under way: the text's token chunks, the result so far
+    (``text``, ``tokens``, ``ppl_before``) and the seconds spent on it."""
+
+    chunks: list[list[int]]
+    pad_id: int
+    info: dict[str, Any]
+    seconds: float
+
+
+def before(model, tokenizer, cfg) -> Check | None:
+    """Perplexity of ``cfg.forgetting_text`` (its first ``forgetting_max_tokens`` tokens) under
+    ``model``, the model training starts from; None when the check is off
+    (``forgetting_text: null``) or on a rank other than 0 (rank 0 alone evaluates)."""
+    from lmladder.run import distributed
+
+    spec = cfg.forgetting_text
+    if not spec or not distributed.is_main():
+        return None
+    t0 = time.perf_counter()
+    texts, name = load_texts(spec)
+    chunks = token_chunks(tokenizer, texts, cfg.forgetting_max_tokens)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    info = {"text": name, "tokens": sum(map(len, chunks)), "ppl_before": perplexity(model, chunks, pad)}
+    return Check(chunks, pad, info, time.perf_counter() - t0)
+
+
+def after(check: Check | None, model, stats: dict[str, Any]) -> dict[str, Any]:
+    """``stats`` with ``forgetting`` (``ppl_after`` under ``model``, the trained model as it
+    predicts) and ``forgetting_seconds`` (before and after together) when ``check`` ran."""
+    if check is None:
+        return stats
+    t0 = time.perf_counter()
+    check.info["ppl_after"] = perplexity(model, check.chunks, check.pad_id)
+    stats["forgetting"] = check.info
+    stats["forgetting_seconds"] = round(check.seconds + time.perf_counter() - t0, 3)
+    return stats

@@ -12,7 +12,13 @@ What we own (the known traps):
   collated batch are decoded and compared with the expected answer text; any
   difference (off-by-one mask, truncation, a template surprise) stops the run.
 * **Packing, loss on supervised positions only, dev split / early stopping, atomic
-  checkpoints and resume, truncation** (issue 4): see docs/training.md.
+  checkpoints and resume, truncation** (issue 4): see docs/training.md; the checkpoints
+  themselves (atomic saves, fingerprint scope, resume point) are training/checkpoints.py.
+
+``train`` reads as its steps, in order: the batch layout over the processes, the
+pre-flight check, the data (dev carve, rows, sampler, collator), the plan (steps,
+evaluation, checkpoints, resume), Trainer's arguments, the callbacks (dev task metric,
+early stopping), the trainer, its run (hf_train.run_trainer), the stats returned.
 
 Multi-process training (``torchrun`` / ``accelerate launch``, DDP) gives the same
 results as one process at the same global batch (see docs/distributed.md):
@@ -40,15 +46,15 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from lmladder import progress
+from lmladder import tracking
 from lmladder.errors import LadderError
 from lmladder.prompts import ChatFormat, response_ids
 from lmladder.run.distributed import SHARDING_ERROR, dist_env, sharding_requested, split_global_batch
+from lmladder.training.checkpoints import AtomicCheckpoints, checkpoint_step, prepare_checkpoint_dir
+from lmladder.training.hf_train import common_args, run_trainer, total_steps
 
 IGNORE = -100
 
@@ -280,7 +286,6 @@ def preflight(batch: dict, tokenizer, feats: list[Feature], answers: list[str]) 
         if (batch["attention_mask"][i][lab != IGNORE] == 0).any():
             raise LadderError(f"{f.source}: pre-flight check failed: loss on padding")
 
-
 class _ListDataset:
     def __init__(self, rows: list[dict]):
         self.rows = rows
@@ -292,10 +297,9 @@ class _ListDataset:
         return self.rows[i]
 
 
-# --------------------------------------------------------------------------- dev split, checkpoints
+# --------------------------------------------------------------------------- dev split, step plan
 
 DEV_MIN_TRAIN = 20  # below this many train examples no dev set is carved
-CKPT_STAMP = "lmladder_fingerprint.txt"
 
 
 def carve_dev(n: int, fraction: float, dev_max: int, seed: int) -> tuple[list[int], list[int]]:
@@ -312,87 +316,6 @@ def carve_dev(n: int, fraction: float, dev_max: int, seed: int) -> tuple[list[in
     return [i for i in range(n) if i not in held], dev
 
 
-def checkpoint_step(path) -> int | None:
-    from pathlib import Path
-
-    name = Path(path).name
-    if not name.startswith("checkpoint-"):
-        return None
-    tail = name[len("checkpoint-"):]
-    return int(tail) if tail.isdigit() else None
-
-
-def latest_checkpoint(ckpt_dir) -> str | None:
-    """The newest complete checkpoint in ``ckpt_dir``: a ``checkpoint-N`` folder (they
-    appear by an atomic rename, only once fully written) with its trainer state."""
-    from pathlib import Path
-
-    d = Path(ckpt_dir)
-    if not d.is_dir():
-        return None
-    done = [p for p in d.iterdir() if p.is_dir() and checkpoint_step(p) is not None
-            and (p / "trainer_state.json").is_file()]
-    return str(max(done, key=checkpoint_step)) if done else None
-
-
-def prepare_checkpoint_dir(ckpt_dir, fingerprint: str) -> str | None:
-    """Make ``ckpt_dir`` ready for this run and return the checkpoint to resume from.
-    Leftover staging folders (a save killed half-way) are removed; checkpoints written
-    under another fingerprint (other config / data) are discarded."""
-    import shutil
-    from pathlib import Path
-
-    d = Path(ckpt_dir)
-    stamp = d / CKPT_STAMP
-    if d.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint):
-        log.info("%s: checkpoints from another configuration, starting afresh", d)
-        shutil.rmtree(d)
-    d.mkdir(parents=True, exist_ok=True)
-    for p in d.iterdir():
-        if p.is_dir() and p.name.startswith(".tmp-"):
-            shutil.rmtree(p, ignore_errors=True)
-    from lmladder.io import atomic_write_text
-
-    atomic_write_text(stamp, fingerprint + "\n")
-    return latest_checkpoint(d)
-
-
-class AtomicCheckpoints:
-    """Mixin for a transformers ``Trainer`` (or a TRL trainer): each checkpoint is written
-    into a staging folder and renamed into place only once complete, so a kill mid-save
-    leaves no half ``checkpoint-N`` behind (``latest_checkpoint`` only sees whole ones)."""
-
-    def _save_checkpoint(self, model, trial):
-        # Atomic: Trainer writes into a staging folder, which is renamed into place
-        # only once complete; a kill mid-save leaves no half checkpoint-N behind.
-        import shutil
-        import tempfile
-
-        from transformers.trainer_utils import rotate_checkpoints
-
-        run_dir = self.args.output_dir
-        folder = f"checkpoint-{self.state.global_step}"
-        stage = tempfile.mkdtemp(prefix=".tmp-", dir=run_dir)
-        self._get_output_dir = lambda trial=None: stage
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            del self._get_output_dir
-        final = os.path.join(run_dir, folder)
-        b = self.state.best_global_step
-        if b and (b == self.state.global_step or os.path.isdir(os.path.join(run_dir, f"checkpoint-{b}"))):
-            self.state.best_model_checkpoint = os.path.join(run_dir, f"checkpoint-{b}")
-        if self.args.should_save:
-            self.state.save_to_json(os.path.join(stage, folder, "trainer_state.json"))
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(os.path.join(stage, folder), final)
-        shutil.rmtree(stage, ignore_errors=True)
-        if self.args.should_save:
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
-
-
 def _auto_steps(total: int, times: int) -> int:
     return max(1, total // times)
 
@@ -400,11 +323,9 @@ def _auto_steps(total: int, times: int) -> int:
 def step_plan(cfg, n_train: int, n_dev: int, global_batch: int, name: str, checkpoints: bool = True) -> dict:
     """Optimizer steps, evaluation and checkpoint intervals of an SFT run on ``n_train``
     rows with ``n_dev`` dev examples; LadderError when the checkpoints cannot hold the best
-    evaluated step. Computed from counts alone, so ``SftRung.validate`` checks it before
+    evaluated step. Computed from counts alone, so ``training/steps.check_step_plan`` checks it before
     anything is written and ``train`` uses the same numbers."""
-    from lmladder.training.hf_train import total_steps as count_steps
-
-    total = count_steps(cfg, n_train, global_batch)
+    total = total_steps(cfg, n_train, global_batch)
     evaluate = n_dev > 0
     eval_steps = cfg.eval_steps or _auto_steps(total, 5)
     save_steps = cfg.save_steps or (eval_steps if evaluate else _auto_steps(total, 5))
@@ -415,6 +336,9 @@ def step_plan(cfg, n_train: int, n_dev: int, global_batch: int, name: str, check
             f"(the best checkpoint is chosen among the evaluated ones)"
         )
     return {"total": total, "evaluate": evaluate, "eval_steps": eval_steps, "save_steps": save_steps, "best": best}
+
+
+# --------------------------------------------------------------------------- train(), step by step
 
 
 def train(
@@ -445,7 +369,8 @@ def train(
       ``early_stopping_patience`` evaluations without improvement and the best
       checkpoint is loaded at the end.
     * With ``checkpoint_dir`` (one process only), a checkpoint is written atomically every
-      ``save_steps``; a run with the same ``fingerprint`` resumes from the newest one.
+      ``save_steps`` (training/checkpoints.py); a run with the same ``fingerprint`` resumes
+      from the newest one.
     * Packing (``cfg.packing``) unless ``no_packing_reason`` says why the rung cannot.
     * ``dev_metric(model, dev_indices) -> float`` (label-scoring tasks): the task metric on
       the dev examples, computed at every evaluation; the best checkpoint and early stopping
@@ -455,21 +380,96 @@ def train(
       labels, fields, num_items_in_batch)``: a loss that needs more than the labels (distill's
       logit KD); the fields reach it batched like the kept logits (Collator.token_fields).
     """
-    from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import set_seed
 
-    from lmladder import tracking
-    from lmladder.training.hf_train import common_args
+    batch = _batch_layout(cfg)
+    set_seed(seed)
+    _check_first_batch(tokenizer, feats, answers, cfg.batch_size)
+    data = _data(feats, extra, cfg, seed, batch.size, _pad_id(tokenizer),
+                 n_virtual=n_virtual, no_packing_reason=no_packing_reason, name=name)
+    plan = _plan(cfg, data, batch, checkpoint_dir, fingerprint, work_dir, dev_metric, name)
+    args = _training_args(cfg, plan, batch, seed)
+    if batch.world > 1:
+        log.info("%s: %d processes x micro-batch %d x grad_accum %d = global batch %d",
+                 name, batch.world, batch.micro, batch.accum, batch.size)
+    metric_curve: list[list] = []  # [step, dev task metric], filled at each evaluation
+    callbacks = _callbacks(cfg, plan, dev_metric, data.dev_idx, metric_curve)
+    trainer = _trainer(model, args, data, plan, callbacks, loss_fn)
+    if plan.resume:
+        log.info("%s: resuming from %s", name, plan.resume)
+    out, seconds = run_trainer(trainer, plan.run, tracking.label(plan.out_dir, name), data.tokens_per_step,
+                               resume=plan.resume)
+    model.eval()
+    return _stats(out, seconds, trainer, feats, data, plan, batch, metric_curve, no_packing_reason)
 
+
+@dataclass
+class _Batch:
+    """The config's global batch (``cfg.batch_size x cfg.grad_accum``) over the processes."""
+
+    rank: int
+    world: int
+    micro: int  # sequences per micro-batch, per process
+    accum: int  # micro-batches per optimizer step, per process
+    size: int  # the global batch
+
+
+@dataclass
+class _Data:
+    """What the trainer reads: the train / dev rows (indices into the features), their
+    order and their batching."""
+
+    train_idx: list[int]
+    dev_idx: list[int]
+    rows: list[dict]
+    dev_rows: list[dict]
+    sampler: GlobalBatchSampler
+    collator: Collator
+    packing: bool
+    fields: tuple[str, ...]  # ``extra``'s per-token fields: handed to loss_fn, not to the model
+    tokens_per_step: float  # mean train row length x global batch
+
+
+@dataclass
+class _Plan:
+    """Steps, evaluation, checkpoints and the best-checkpoint choice of one run."""
+
+    total: int
+    evaluate: bool
+    eval_steps: int
+    save_steps: int
+    save: bool  # checkpoints written: checkpoint_dir given, cfg.checkpoints, one process
+    best: bool  # the best evaluated checkpoint loaded at the end; early stopping
+    by_metric: bool  # the dev task metric (dev_metric) chooses, not the dev loss
+    resume: str | None  # the checkpoint this run resumes from
+    out_dir: Any  # Trainer's output_dir: the checkpoint folder, else work_dir
+    run: str | None  # the --report-to run (tracking.run_name)
+
+
+def _batch_layout(cfg) -> _Batch:
+    """Per-process micro-batch and accumulation giving the config's global batch."""
     rank, world, _ = dist_env()
     micro, accum = split_global_batch(cfg.batch_size, cfg.grad_accum, world)
-    global_batch = cfg.batch_size * cfg.grad_accum
-    set_seed(seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    n_check = min(len(feats), cfg.batch_size)
+    return _Batch(rank=rank, world=world, micro=micro, accum=accum, size=cfg.batch_size * cfg.grad_accum)
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _check_first_batch(tokenizer, feats: list[Feature], answers: list[str], batch_size: int) -> None:
+    """The pre-flight check on the first ``batch_size`` features, padded into one batch."""
+    n_check = min(len(feats), batch_size)
     preflight(
-        Collator(pad_id)([{"input_ids": f.input_ids, "labels": f.labels} for f in feats[:n_check]]),
+        Collator(_pad_id(tokenizer))([{"input_ids": f.input_ids, "labels": f.labels} for f in feats[:n_check]]),
         tokenizer, feats[:n_check], answers[:n_check],
     )
+
+
+def _data(feats: list[Feature], extra: list[dict] | None, cfg, seed: int, global_batch: int, pad_id: int, *,
+          n_virtual: int, no_packing_reason: str | None, name: str) -> _Data:
+    """The dev carve, the train / dev rows, the global-batch sampler and the collator
+    (packing unless ``no_packing_reason``)."""
     packing = bool(cfg.packing) and no_packing_reason is None
     if cfg.packing and no_packing_reason:
         log.info("%s: packing off: %s", name, no_packing_reason)
@@ -484,21 +484,107 @@ def train(
 
     rows, dev_rows = rows_of(train_idx), rows_of(dev_idx)
     sampler = GlobalBatchSampler([r["length"] for r in rows], global_batch, seed, cfg.group_by_length)
+    avg_len = sum(r["length"] for r in rows) / max(len(rows), 1)
+    return _Data(train_idx=train_idx, dev_idx=dev_idx, rows=rows, dev_rows=dev_rows, sampler=sampler,
+                 collator=collator, packing=packing, fields=fields, tokens_per_step=avg_len * global_batch)
 
-    save = checkpoint_dir is not None and cfg.checkpoints and world == 1
-    if checkpoint_dir is not None and cfg.checkpoints and world > 1:
+
+def _plan(cfg, data: _Data, batch: _Batch, checkpoint_dir, fingerprint: str | None, work_dir, dev_metric,
+          name: str) -> _Plan:
+    """Steps and intervals (``step_plan``), whether checkpoints are written and the best
+    one chosen, and on what; the checkpoint folder made ready for this fingerprint (the
+    checkpoint to resume from)."""
+    save = checkpoint_dir is not None and cfg.checkpoints and batch.world == 1
+    if checkpoint_dir is not None and cfg.checkpoints and batch.world > 1:
         log.info("%s: checkpoints and early stopping are single-process only; off under %d processes",
-                 name, world)
-    plan = step_plan(cfg, len(rows), len(dev_rows), global_batch, name, checkpoints=save)
-    total_steps, evaluate, eval_steps, save_steps, best = (
-        plan["total"], plan["evaluate"], plan["eval_steps"], plan["save_steps"], plan["best"])
-    by_metric = evaluate and dev_metric is not None
-    best_key = "eval_task_metric" if by_metric else "eval_loss"
+                 name, batch.world)
+    steps = step_plan(cfg, len(data.rows), len(data.dev_rows), batch.size, name, checkpoints=save)
     resume = prepare_checkpoint_dir(checkpoint_dir, fingerprint or "") if save else None
     out_dir = checkpoint_dir if save else work_dir
-    run = tracking.run_name(out_dir, name)  # --report-to: this rung's own tracked run
+    return _Plan(
+        total=steps["total"], evaluate=steps["evaluate"], eval_steps=steps["eval_steps"],
+        save_steps=steps["save_steps"], save=save, best=steps["best"],
+        by_metric=steps["evaluate"] and dev_metric is not None,
+        resume=resume, out_dir=out_dir, run=tracking.run_name(out_dir, name),  # --report-to: the rung's own run
+    )
 
-    stash: dict = {}
+
+def _training_args(cfg, plan: _Plan, batch: _Batch, seed: int):
+    """Trainer's arguments: the batch layout, the step plan, checkpoints and the choice of
+    the best one (loaded at the end), and what every lmladder trainer shares (common_args)."""
+    from transformers import TrainingArguments
+
+    best, best_key = plan.best, "eval_task_metric" if plan.by_metric else "eval_loss"
+    return TrainingArguments(
+        output_dir=str(plan.out_dir),
+        per_device_train_batch_size=batch.micro,
+        per_device_eval_batch_size=batch.micro,
+        gradient_accumulation_steps=batch.accum,
+        max_steps=plan.total,
+        lr_scheduler_type=cfg.lr_scheduler,
+        logging_steps=cfg.logging_steps or _auto_steps(plan.total, 20),
+        eval_strategy="steps" if plan.evaluate else "no",
+        eval_steps=plan.eval_steps if plan.evaluate else None,
+        prediction_loss_only=True,
+        save_strategy="steps" if plan.save else "no",
+        save_steps=plan.save_steps,
+        save_total_limit=2 if plan.save else None,
+        load_best_model_at_end=best,
+        metric_for_best_model=best_key if best else None,
+        greater_is_better=plan.by_metric if best else None,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        remove_unused_columns=False,
+        disable_tqdm=batch.rank != 0,  # the bar or progress lines: quiet_progress
+        # the loss is the per-token mean over the whole global batch, on every world size
+        average_tokens_across_devices=True,
+        ddp_find_unused_parameters=False,
+        log_level="error" if batch.rank else "passive",
+        **common_args(cfg, seed, plan.run),
+    )
+
+
+def _callbacks(cfg, plan: _Plan, dev_metric, dev_idx: list[int], metric_curve: list[list]) -> list:
+    """The dev task metric at every evaluation (when it chooses the best checkpoint), then
+    early stopping (when a best checkpoint is chosen), in that order: early stopping reads
+    the metric the first one adds."""
+    from transformers import EarlyStoppingCallback
+
+    callbacks = [_dev_metric_callback(dev_metric, dev_idx, metric_curve)] if plan.by_metric else []
+    if plan.best and cfg.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    return callbacks
+
+
+def _dev_metric_callback(dev_metric, dev_idx: list[int], metric_curve: list[list]):
+    """A TrainerCallback: ``dev_metric(model, dev_idx)`` at every evaluation, as the
+    ``eval_task_metric`` early stopping and the best-checkpoint choice read, and appended
+    to ``metric_curve`` as ``[step, value]``."""
+    from transformers import TrainerCallback
+
+    class _DevMetric(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):
+            was = model.training
+            model.eval()
+            try:
+                v = float(dev_metric(model, dev_idx))
+            finally:
+                if was:
+                    model.train()
+            if metrics is not None:  # ties on the metric go to the lower dev loss (a later, trained step)
+                metrics["eval_task_metric"] = v - 1e-6 * float(metrics.get("eval_loss", 0.0))
+            metric_curve.append([state.global_step, v])
+
+    return _DevMetric()
+
+
+def _trainer(model, args, data: _Data, plan: _Plan, callbacks: list, loss_fn):
+    """Trainer with atomic checkpoints, the global-batch sampler, and the loss on the
+    supervised tokens (``token_loss``, or ``loss_fn`` with ``extra``'s fields)."""
+    from transformers import Trainer
+
+    sampler, fields = data.sampler, data.fields
+    stash: dict = {}  # this micro-batch's extra fields, for loss_fn
 
     class _Trainer(AtomicCheckpoints, Trainer):
         def _get_train_sampler(self, train_dataset=None):
@@ -512,82 +598,32 @@ def train(
     def _loss(outputs, labels, num_items_in_batch=None):
         return loss_fn(outputs, labels, stash, num_items_in_batch)
 
-    args = TrainingArguments(
-        output_dir=str(out_dir),
-        per_device_train_batch_size=micro,
-        per_device_eval_batch_size=micro,
-        gradient_accumulation_steps=accum,
-        max_steps=total_steps,
-        lr_scheduler_type=cfg.lr_scheduler,
-        logging_steps=cfg.logging_steps or _auto_steps(total_steps, 20),
-        eval_strategy="steps" if evaluate else "no",
-        eval_steps=eval_steps if evaluate else None,
-        prediction_loss_only=True,
-        save_strategy="steps" if save else "no",
-        save_steps=save_steps,
-        save_total_limit=2 if save else None,
-        load_best_model_at_end=best,
-        metric_for_best_model=best_key if best else None,
-        greater_is_better=by_metric if best else None,
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        remove_unused_columns=False,
-        disable_tqdm=rank != 0,  # the bar or progress lines: quiet_progress
-        # the loss is the per-token mean over the whole global batch, on every world size
-        average_tokens_across_devices=True,
-        ddp_find_unused_parameters=False,
-        log_level="error" if rank else "passive",
-        **common_args(cfg, seed, run),
-    )
-    if world > 1:
-        log.info(
-            "%s: %d processes x micro-batch %d x grad_accum %d = global batch %d",
-            name, world, micro, accum, global_batch,
-        )
-    metric_curve: list[list] = []
-
-    class _DevMetric(TrainerCallback):
-        """The task metric on the dev split at every evaluation (before early stopping and
-        the best-checkpoint choice read it)."""
-
-        def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):
-            was = model.training
-            model.eval()
-            try:
-                v = float(dev_metric(model, dev_idx))
-            finally:
-                if was:
-                    model.train()
-            if metrics is not None:  # ties on the metric go to the lower dev loss (a later, trained step)
-                metrics["eval_task_metric"] = v - 1e-6 * float(metrics.get("eval_loss", 0.0))
-            metric_curve.append([state.global_step, v])
-
-    callbacks = [_DevMetric()] if by_metric else []
-    if best and cfg.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = _Trainer(
-        model=model, args=args, train_dataset=_ListDataset(rows),
-        eval_dataset=_ListDataset(dev_rows) if evaluate else None,
-        data_collator=collator, compute_loss_func=_loss if loss_fn else token_loss, callbacks=callbacks,
+        model=model, args=args, train_dataset=_ListDataset(data.rows),
+        eval_dataset=_ListDataset(data.dev_rows) if plan.evaluate else None,
+        data_collator=data.collator, compute_loss_func=_loss if loss_fn else token_loss, callbacks=callbacks,
     )
+    _refuse_sharding(trainer)
+    return trainer
+
+
+def _refuse_sharding(trainer) -> None:
+    """Rank 0 saves and evaluates the in-memory model: a sharded one (FSDP, DeepSpeed) would be wrong."""
     sharded = sharding_requested()
     if sharded or getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
-        # rank 0 saves and evaluates the in-memory model: a sharded one would be wrong
         raise LadderError(SHARDING_ERROR.format(what=" / ".join(sharded) or "FSDP / DeepSpeed"))
-    avg_len = sum(r["length"] for r in rows) / max(len(rows), 1)
-    progress.quiet_progress(trainer, tracking.label(out_dir, name), avg_len * global_batch)
-    if resume:
-        log.info("%s: resuming from %s", name, resume)
-    t0 = time.perf_counter()
-    with tracking.training(trainer, run):
-        out = trainer.train(resume_from_checkpoint=resume)
-    seconds = time.perf_counter() - t0
+
+
+def _stats(out, seconds: float, trainer, feats: list[Feature], data: _Data, plan: _Plan, batch: _Batch,
+           metric_curve: list[list], no_packing_reason: str | None) -> dict:
+    """What ``train`` returns (a rung's ``details``): time, losses and tokens, the dev
+    curves and the chosen step, resume, packing, truncation, the batch layout."""
     hist = trainer.state.log_history
     losses = [h["loss"] for h in hist if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in hist if "eval_loss" in h]
     steps = out.global_step
-    tokens = avg_len * global_batch * steps
-    model.eval()
+    tokens = data.tokens_per_step * steps
+    best = plan.best
     return {
         "train_seconds": seconds,
         "steps": steps,
@@ -596,22 +632,22 @@ def train(
         "loss_curve": losses,
         "train_tokens": int(tokens),
         "train_tokens_per_second": tokens / seconds if seconds else None,
-        "supervised_tokens": sum(sum(1 for l in feats[i].labels if l != IGNORE) for i in train_idx),
-        "train_examples": len(rows),
-        "dev_examples": len(dev_rows),
+        "supervised_tokens": sum(sum(1 for l in feats[i].labels if l != IGNORE) for i in data.train_idx),
+        "train_examples": len(data.rows),
+        "dev_examples": len(data.dev_rows),
         "eval_curve": [[s_, l_] for s_, l_ in evals],
         "best_eval_loss": min((l_ for _, l_ in evals), default=None),
-        "selected_on": ("dev task metric" if by_metric else "dev loss") if best else None,
+        "selected_on": ("dev task metric" if plan.by_metric else "dev loss") if best else None,
         **({"dev_metric_curve": metric_curve, "best_dev_metric": max(v for _, v in metric_curve)}
            if metric_curve else {}),
         "best_step": int(trainer.state.best_global_step) if best and trainer.state.best_global_step else None,
-        "stopped_early": bool(best and steps < total_steps),
-        "resumed_from": checkpoint_step(resume) if resume else None,
-        "packing": packing,
+        "stopped_early": bool(best and steps < plan.total),
+        "resumed_from": checkpoint_step(plan.resume) if plan.resume else None,
+        "packing": data.packing,
         **({"packing_off": no_packing_reason} if no_packing_reason else {}),
         "truncated": sum(1 for f in feats if f.truncated),
-        "world_size": world,
-        "global_batch": global_batch,
-        "per_device_batch": micro,
-        "grad_accum_per_device": accum,
+        "world_size": batch.world,
+        "global_batch": batch.size,
+        "per_device_batch": batch.micro,
+        "grad_accum_per_device": batch.accum,
     }

@@ -4,7 +4,7 @@ TRL does the method (losses, reference handling, generation for GRPO); this modu
 what every lmladder weight-update rung promises (docs/training.md):
 
 * **atomic checkpoints scoped by fingerprint, and resume**: checkpoints go to
-  ``rungs/<rung>/checkpoints`` through :class:`training.sft.AtomicCheckpoints` (staged, then
+  ``rungs/<rung>/checkpoints`` through :class:`training.checkpoints.AtomicCheckpoints` (staged, then
   renamed into place); a rerun with the same fingerprint resumes from the newest complete
   one, a changed config discards them;
 * the same optimizer arguments as the SFT engine (AdamW, warmup + decay, grad
@@ -21,13 +21,16 @@ Use::
 
 from __future__ import annotations
 
-from lmladder.run import distributed
-from lmladder import progress
-
 import logging
-import time
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
+
+from lmladder import tracking
+from lmladder.run import distributed
+from lmladder.training.checkpoints import AtomicCheckpoints, checkpoint_step, prepare_checkpoint_dir
+from lmladder.training.hf_train import common_args, run_trainer, total_steps
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,6 @@ _NOT_CURVES = {"step", "epoch", "total_flos", "train_runtime", "train_samples_pe
 def training_args(cfg, out_dir: Path, seed: int, steps: int, save: bool, run: str | None = None) -> dict[str, Any]:
     """Keyword arguments shared by every TRL ``*Config`` (they subclass TrainingArguments);
     ``run``: the ``--report-to`` run name (``tracking.run_name``), None: no reporting."""
-    from lmladder.training.hf_train import common_args
-
     save_steps = cfg.save_steps or max(1, steps // 5)
     return dict(
         output_dir=str(out_dir),
@@ -91,38 +92,43 @@ def run(
     """Train ``model`` with ``trainer_cls`` (a TRL trainer) and ``config_cls(**shared args,
     **method_args)``. Checkpoints (atomic, resumable) when ``checkpoint_dir`` is given and
     ``cfg.checkpoints``; else ``work_dir`` is scratch. Returns the stats the report shows."""
-    import shutil
-    import tempfile
-
     from transformers import set_seed
 
-    from lmladder import tracking
-    from lmladder.training import sft
-
     set_seed(seed)
-    from lmladder.training.hf_train import total_steps
-
     steps = total_steps(cfg, len(train_dataset), rows_per_step)
-    save = checkpoint_dir is not None and cfg.checkpoints and not distributed.is_distributed()
-    resume = sft.prepare_checkpoint_dir(checkpoint_dir, fingerprint) if save else None
-    out_dir = Path(checkpoint_dir) if save else Path(work_dir or tempfile.mkdtemp(prefix=f"lmladder-{name}-"))
-    run = tracking.run_name(out_dir, name)  # --report-to: this rung's own tracked run
-    args = config_cls(**{**training_args(cfg, out_dir, seed, steps, save, run), **(method_args or {})})
-    atomic_cls = type(f"Atomic{trainer_cls.__name__}", (sft.AtomicCheckpoints, trainer_cls), {})
-    trainer = atomic_cls(model=model, args=args, train_dataset=train_dataset,
-                         processing_class=processing_class, **(trainer_kwargs or {}))
-    progress.quiet_progress(trainer, tracking.label(out_dir, name))  # bar / lines, not a dict per step: curves keep them
+    save, resume, out_dir = _output_dir(cfg, checkpoint_dir, fingerprint, work_dir, name)
+    run_name = tracking.run_name(out_dir, name)  # --report-to: this rung's own tracked run
+    args = config_cls(**{**training_args(cfg, out_dir, seed, steps, save, run_name), **(method_args or {})})
+    trainer = _atomic(trainer_cls)(model=model, args=args, train_dataset=train_dataset,
+                                   processing_class=processing_class, **(trainer_kwargs or {}))
     if resume:
         log.info("%s: resuming from %s", name, resume)
-    t0 = time.perf_counter()
-    with tracking.training(trainer, run):
-        out = trainer.train(resume_from_checkpoint=resume)
-    seconds = time.perf_counter() - t0
-    hist = trainer.state.log_history
-    done = out.global_step - ((sft.checkpoint_step(resume) or 0) if resume else 0)
+    # bar / lines, not a dict per step: curves keep them
+    out, seconds = run_trainer(trainer, run_name, tracking.label(out_dir, name), resume=resume)
     if not save:
         shutil.rmtree(out_dir, ignore_errors=True)
     model.eval()
+    return _stats(trainer_cls, out, seconds, trainer.state.log_history, resume, len(train_dataset))
+
+
+def _atomic(trainer_cls):
+    """``trainer_cls`` with atomic checkpoints (training/checkpoints.py)."""
+    return type(f"Atomic{trainer_cls.__name__}", (AtomicCheckpoints, trainer_cls), {})
+
+
+def _output_dir(cfg, checkpoint_dir, fingerprint: str, work_dir, name: str) -> tuple[bool, str | None, Path]:
+    """(save, resume, out_dir): checkpoints only from ``checkpoint_dir`` with ``cfg.checkpoints``
+    in one process, the folder made ready for ``fingerprint`` (the checkpoint to resume from);
+    else a scratch folder (``work_dir`` or a new temporary one)."""
+    save = checkpoint_dir is not None and cfg.checkpoints and not distributed.is_distributed()
+    resume = prepare_checkpoint_dir(checkpoint_dir, fingerprint) if save else None
+    out_dir = Path(checkpoint_dir) if save else Path(work_dir or tempfile.mkdtemp(prefix=f"lmladder-{name}-"))
+    return save, resume, out_dir
+
+
+def _stats(trainer_cls, out, seconds: float, hist: list[dict], resume: str | None, n_train: int) -> dict[str, Any]:
+    """What ``run`` returns: time and speed of this run's own steps, losses, every curve."""
+    done = out.global_step - ((checkpoint_step(resume) or 0) if resume else 0)
     c = curves(hist)
     losses = [v for _, v in c.get("loss", [])]
     return {
@@ -133,7 +139,7 @@ def run(
         "final_train_loss": losses[-1] if losses else None,
         "loss_curve": losses,
         "curves": c,
-        "train_examples": len(train_dataset),
-        "resumed_from": sft.checkpoint_step(resume) if resume else None,
+        "train_examples": n_train,
+        "resumed_from": checkpoint_step(resume) if resume else None,
         "trainer": f"trl.{trainer_cls.__name__}",
     }

@@ -120,7 +120,7 @@ def test_gguf_export_header_tensors_and_transformers_reload(run_cli, run_dir, so
     import gguf
     from transformers import AutoModelForCausalLM
 
-    from lmladder.export import permute_qk
+    from lmladder.export.gguf_writer import permute_qk
 
     out = tmp_path / "gguf"
     code, stdout, err = _export(run_cli, run_dir, out, "--rung", "lora", "--format", "gguf")
@@ -302,7 +302,7 @@ def test_unsupported_architecture_for_gguf(run_cli, run_dir, tmp_path):
     from transformers import MistralConfig, Qwen2Config, Qwen2ForCausalLM
 
     from lmladder.errors import LadderError
-    from lmladder.export import check_gguf_supported
+    from lmladder.export.gguf_writer import check_gguf_supported
 
     for cfg in (Qwen2Config(), MistralConfig()):
         with pytest.raises(LadderError, match=r"supported: llama \(LlamaForCausalLM\)"):
@@ -330,7 +330,7 @@ def test_unsupported_architecture_for_gguf(run_cli, run_dir, tmp_path):
 
 
 def test_failed_verification_leaves_no_output(run_cli, run_dir, tmp_path, monkeypatch):
-    import lmladder.export as ex
+    import lmladder.export.gguf_writer as ex
 
     # A writer bug: a wrongly scaled output matrix. Verification must catch it.
     real = ex.llama_tensors
@@ -382,7 +382,7 @@ def test_export_all_formats_on_the_embedded_model(tmp_path, capsys):
 
     t0 = time.perf_counter()
     run = tmp_path / "run"
-    sst2 = Path(__file__).resolve().parents[1] / "examples" / "sst2.yaml"
+    sst2 = Path(__file__).resolve().parents[2] / "examples" / "sst2.yaml"
     assert main(["run", str(sst2), "--rungs", "lora", "--limit-train", "16", "--limit-test", "4",
                  "--set", "lora.max_steps=2", "--set", "eval.bootstrap=100", "--out", str(run), "-q"]) == 0
     t_run = time.perf_counter() - t0

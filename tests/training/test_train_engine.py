@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lmladder.rungs.lora import LoraConfig
-from lmladder.training import sft
+from lmladder.training import checkpoints, sft
 from lmladder.errors import LadderError
 from lmladder.prompts import ChatFormat
 from lmladder import prompts
@@ -186,14 +186,14 @@ def test_checkpoints_are_atomic_and_scoped_by_fingerprint(tmp_path, monkeypatch)
     # checkpoint-2 complete; checkpoint-4 was being written: only its staging folder exists
     assert "checkpoint-2" in names and "checkpoint-4" not in names
     assert any(n.startswith(".tmp-") for n in names)
-    assert sft.latest_checkpoint(d).endswith("checkpoint-2")
+    assert checkpoints.latest_checkpoint(d).endswith("checkpoint-2")
     assert json.loads((d / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
     # the same fingerprint resumes from checkpoint-2 and cleans the staging folder up
-    assert sft.prepare_checkpoint_dir(d, "fp").endswith("checkpoint-2")
+    assert checkpoints.prepare_checkpoint_dir(d, "fp").endswith("checkpoint-2")
     assert not any(p.name.startswith(".tmp-") for p in d.iterdir())
     # another fingerprint (changed config or data) starts afresh
-    assert sft.prepare_checkpoint_dir(d, "other") is None
-    assert [p.name for p in d.iterdir()] == [sft.CKPT_STAMP]
+    assert checkpoints.prepare_checkpoint_dir(d, "other") is None
+    assert [p.name for p in d.iterdir()] == [checkpoints.CKPT_STAMP]
 
 
 @pytest.mark.integration

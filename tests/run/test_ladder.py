@@ -134,7 +134,7 @@ def test_lora_leaves_the_shared_base_model_untouched(tiny_dir, toy_data, tmp_pat
     rung.prepare()
     rung.fit()
     with torch.no_grad():
-        adapted = rung.peft_model(input_ids=x).logits
+        adapted = rung.model(input_ids=x).logits
     rung.close()
     base, _ = ctx.base()
     with torch.no_grad():

@@ -588,7 +588,7 @@ def test_barrage_of_malformed_requests(srv):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     from serve_barrage import hostile_cases
 
     before = [answer(req(srv, CHAT, chat_body(model=m))) for m in ("tiny", "ad")]

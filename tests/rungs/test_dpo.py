@@ -191,21 +191,21 @@ def test_interrupted_dpo_resumes_from_its_checkpoint_and_matches(run_cli, tmp_pa
     and ends with the uninterrupted run's losses and adapter weights."""
     from safetensors.torch import load_file
 
-    from lmladder.training import sft
+    from lmladder.training import checkpoints
 
     args = ("--rungs", "dpo", "--set", "dpo.max_steps=8", "--set", "dpo.save_steps=2")
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     code, _, err = run_cli(*_dpo_cli(tmp_path, whole, *args))
     assert code == 0, err
 
-    save = sft.AtomicCheckpoints._save_checkpoint
+    save = checkpoints.AtomicCheckpoints._save_checkpoint
 
     def save_then_die(self, model, trial):
         save(self, model, trial)
         if self.state.global_step == 4:
             raise RuntimeError("killed after checkpoint 4")
 
-    monkeypatch.setattr(sft.AtomicCheckpoints, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoints.AtomicCheckpoints, "_save_checkpoint", save_then_die)
     with pytest.raises(RuntimeError, match="killed after checkpoint 4"):
         run_cli(*_dpo_cli(tmp_path, stopped, *args))
     monkeypatch.undo()

@@ -185,7 +185,7 @@ def test_smollm2_constrained_reasoning_and_labels():
     fmt = ChatFormat(tok)
     cfg = RunConfig.model_validate({"task": {"kind": "math"}})
     task = KINDS["math"](cfg.task, [], cfg.eval, 0)
-    rows = [json.loads(l) for l in (Path(__file__).parents[1] / "examples/data/gsm8k.test.jsonl").read_text().splitlines()[:1]]
+    rows = [json.loads(l) for l in (Path(__file__).parents[2] / "examples/data/gsm8k.test.jsonl").read_text().splitlines()[:1]]
     exs = [Example(id=str(i), input=r["question"], label=r["answer"]) for i, r in enumerate(rows)]
     msgs = [task.user_message(e, reasoning=cfg.cot.prompt) for e in exs]
     preds, info = generate_answers(task, model, fmt, msgs, exs, reasoning=True, constrained=True, max_new_tokens=32)

@@ -294,7 +294,8 @@ def test_best_of_n_picks_reward_model_argmax(trained, run_cli, tmp_path, monkeyp
 
 def test_reward_model_ordered_before_best_of_n_and_in_its_fingerprint(tiny_dir, tmp_path):
     from lmladder import config as config_mod
-    from lmladder.run.ladder import Context, run_order
+    from lmladder.run.context import Context
+    from lmladder.run.ladder import run_order
 
     cfg = config_mod.build({"rungs": ["zero-shot", "best-of-n", "reward-model"],
                             "best-of-n": {"verifier": "reward-model"}})

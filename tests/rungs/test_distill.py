@@ -138,9 +138,10 @@ def test_model_teacher_labels_zero_shot(run_cli, tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("teacher,msg", [
-    ("few-shoot", "distill.teacher: unknown teacher 'few-shoot' (an inference rung: "),
-    ("lora", "distill.teacher: 'lora' trains weights; the teacher must be an inference rung"),
-    ("distill", "distill.teacher: a distill rung cannot be the teacher"),
+    # a rung teacher is checked by the ladder (distill's uses(): run/ladder._check_uses)
+    ("few-shoot", "distill.teacher: unknown rung 'few-shoot' (an inference rung: "),
+    ("lora", "distill.teacher: 'lora' trains; name an inference rung"),
+    ("distill", "distill.teacher: 'distill' trains; name an inference rung"),
     ("model:", "distill.teacher: 'model:' needs a model spec"),
     ("no_such_module_xyz:f", "distill.teacher: cannot import 'no_such_module_xyz'"),
     ("json:no_such_function", "distill.teacher: 'json' has no function 'no_such_function'"),

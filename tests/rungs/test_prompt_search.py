@@ -5,7 +5,7 @@ import json
 
 from lmladder import config as C
 from lmladder.data import Dataset, Example
-from lmladder.run.ladder import Context
+from lmladder.run.context import Context
 from lmladder.rungs.prompt_search import PromptSearch, carve_dev, clean_variant, search
 from lmladder.tasks.classification import ClassificationTask
 

@@ -123,7 +123,7 @@ def _bad_inputs(tmp_path, tiny_dir):
 
 
 def test_a_bad_input_run_into_a_finished_run_loses_nothing(run_cli, toy_data, finished, tmp_path, tiny_dir):
-    from lmladder.run.ladder import lock_run_folder
+    from lmladder.run.folder import lock as lock_run_folder
 
     before = _snapshot(finished)
     assert "rungs/zero-shot/result.json" in before and "results.json" in before
@@ -224,7 +224,7 @@ def _ctx_for(name, tmp_path, tiny_dir):
     from lmladder import config as C
     from lmladder import registry
     from lmladder.data import Dataset, Example
-    from lmladder.run.ladder import Context
+    from lmladder.run.context import Context
     from lmladder.tasks import make_task
 
     cls = registry.get(name)
@@ -287,10 +287,14 @@ def test_every_rung_closes_cleanly_after_any_failed_step(name, tmp_path, tiny_di
     rung.close()
     monkeypatch.setattr(ctx, "fmt", real_fmt)
 
-    if cls.trains and hasattr(cls, "train_weights"):
+    if cls.trains:  # killed inside its trainer: the SFT engine, a TRL trainer or the plain Trainer glue
+        from lmladder.training import hf_train, sft, trl_train
+
         rung = cls(ctx, cfg.rung_config(name), tmp_path / "run/rungs" / name)
         rung.name = name
-        monkeypatch.setattr(cls, "train_weights", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
+        killed = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed"))  # noqa: E731
+        for engine, fn in ((sft, "train"), (trl_train, "run"), (hf_train, "train")):
+            monkeypatch.setattr(engine, fn, killed)
         try:
             rung.prepare()
             rung.fit()

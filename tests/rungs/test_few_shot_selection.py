@@ -10,7 +10,7 @@ import pytest
 
 from lmladder import config as C
 from lmladder.data import Dataset, Example
-from lmladder.run.ladder import Context
+from lmladder.run.context import Context
 from lmladder.rungs.few_shot import FewShot, fit_count, nearest, select_balanced
 from lmladder.tasks import make_task
 

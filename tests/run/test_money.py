@@ -106,7 +106,7 @@ def test_until_target_stops_at_the_first_rung_that_meets_it(run_cli, toy_data, t
 # --------------------------------------------------------------------------- learning curves
 
 def test_curve_subsets_are_seeded_and_nested():
-    from lmladder.run.ladder import curve_subset
+    from lmladder.run.curves import curve_subset
 
     train = list(range(40))
     a, b = curve_subset(train, 0.25, 0), curve_subset(train, 0.5, 0)

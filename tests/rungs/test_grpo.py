@@ -244,7 +244,7 @@ def test_interrupted_grpo_resumes_from_its_checkpoint(run_cli, tmp_path, monkeyp
     uninterrupted run: same rewards per step, same weights."""
     from safetensors.torch import load_file
 
-    from lmladder.training import sft
+    from lmladder.training import checkpoints
 
     (tmp_path / "toyreward.py").write_text(REWARD_PY)
     monkeypatch.setenv("GRPO_TEST_LOG", str(tmp_path / "seen.jsonl"))
@@ -254,17 +254,17 @@ def test_interrupted_grpo_resumes_from_its_checkpoint(run_cli, tmp_path, monkeyp
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     code, _, err = run_cli(*_math_cli(tmp_path, whole, *args))
     assert code == 0, err
-    save = sft.AtomicCheckpoints._save_checkpoint
+    save = checkpoints.AtomicCheckpoints._save_checkpoint
 
     def save_then_die(self, model, trial):
         save(self, model, trial)
         if self.state.global_step == 2:
             raise RuntimeError("killed after checkpoint 2")
 
-    monkeypatch.setattr(sft.AtomicCheckpoints, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoints.AtomicCheckpoints, "_save_checkpoint", save_then_die)
     with pytest.raises(RuntimeError, match="killed after checkpoint 2"):
         run_cli(*_math_cli(tmp_path, stopped, *args))
-    monkeypatch.setattr(sft.AtomicCheckpoints, "_save_checkpoint", save)
+    monkeypatch.setattr(checkpoints.AtomicCheckpoints, "_save_checkpoint", save)
     code, _, err = run_cli(*_math_cli(tmp_path, stopped, *args))
     assert code == 0, err
     a, b = (json.loads((o / "rungs/grpo/result.json").read_text())["details"] for o in (whole, stopped))

@@ -148,7 +148,7 @@ def test_named_copy_needs_copies(tmp_path, toy_data, run_cli):
 
 def test_push_pop_base_restores_the_shared_model(tmp_path, tiny_dir):
     from lmladder.config import RunConfig
-    from lmladder.run.ladder import Context
+    from lmladder.run.context import Context
 
     cfg = RunConfig(model=str(tiny_dir), rungs=["continued-pretraining", "lora"])
     ctx = Context(cfg, None, None, tmp_path)
@@ -169,7 +169,7 @@ def test_from_an_adapter_rung_merges_it_into_a_copy(tmp_path, tiny_dir):
     from peft import LoraConfig, get_peft_model
 
     from lmladder.config import RunConfig
-    from lmladder.run.ladder import Context
+    from lmladder.run.context import Context
 
     cfg = RunConfig(model=str(tiny_dir), rungs=["lora", "full"], full={"from": "lora"})
     ctx = Context(cfg, None, None, tmp_path)
@@ -228,8 +228,8 @@ def test_empty_or_missing_corpus(tmp_path, toy_data, run_cli):
 
 def test_export_refuses_a_stacked_rung(tmp_path):
     from lmladder.config import RunConfig
-    from lmladder.export import check_rung
-    from lmladder.run.ladder import RunFolder
+    from lmladder.export.cli import check_rung
+    from lmladder.run.folder import RunFolder
 
     cfg = RunConfig(rungs=["continued-pretraining", "lora"], lora={"from": "continued-pretraining"})
     run = RunFolder(tmp_path, cfg, ["a", "b"], ["continued-pretraining", "lora"])

@@ -85,7 +85,7 @@ def test_train_message_uses_a_seeded_template_choice(tmp_path):
 
 
 def test_group_scores_per_group():
-    from lmladder.run.ladder import _group_scores
+    from lmladder.run.run_one import group_scores as _group_scores
     from lmladder.tasks.classification import ClassificationTask
     from lmladder.data import Example
 

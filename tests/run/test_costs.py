@@ -115,7 +115,11 @@ def test_lora_per_call_is_within_15_percent_of_zero_shot(tiny_dir, toy_data, tmp
     merged_scores = flat(rung.predict()[0])
     assert merged_scores == pytest.approx(before, abs=1e-4)  # merged: the same predictions
     assert flat(rung.predict()[0]) == merged_scores  # a second predict reloads it
-    with rung.merged() as model:
+    from peft import PeftModel
+
+    from lmladder.training import weights
+
+    with weights.merged(PeftModel.from_pretrained(ctx.base()[0], tmp_path / "lora/adapter").eval(), ctx) as model:
         def merged():
             task.predict(model, fmt, msgs, exs)
 
@@ -126,3 +130,38 @@ def test_lora_per_call_is_within_15_percent_of_zero_shot(tiny_dir, toy_data, tmp
     t_zero = min(t_zero, _min_time(zero))
     print(f"zero {t_zero:.4f}s merged {t_merged:.4f}s unmerged {t_unmerged:.4f}s")
     assert t_merged <= 1.15 * t_zero, (t_merged, t_zero, t_unmerged)
+
+
+def test_reuse_or_train_stamps_saves_reuses_and_retrains(tmp_path):
+    """training/weights.reuse_or_train, the one "load or train" of every weight-update rung:
+    saved atomically with the stamp and the cost (the seconds before train() included), the
+    checkpoints gone; loaded back under the same fingerprint (the original cost reported);
+    trained again under another."""
+    from lmladder.training import weights
+
+    folder, ckpts = tmp_path / "adapter", tmp_path / "checkpoints"
+    calls = []
+
+    def train():
+        calls.append("train")
+        ckpts.mkdir(exist_ok=True)
+        return {"steps": 3}
+
+    def save(tmp):
+        assert tmp != folder and tmp.parent == folder.parent  # written aside, renamed over the folder when complete
+        (tmp / "weights.bin").write_text("w")
+
+    def load(f):
+        calls.append("load")
+        return {"truncated": 0}
+
+    kw = dict(train=train, save=save, load=load, name="t", checkpoints=ckpts)
+    assert weights.reuse_or_train(folder, "fp1", spent=2.0, **kw) == {"steps": 3}
+    assert sorted(p.name for p in folder.iterdir()) == ["lmladder_cost.json", "lmladder_fingerprint.txt", "weights.bin"]
+    assert weights.stamp_of(folder) == "fp1" and weights.stamped(folder, "fp1") and not ckpts.exists()
+    cost = json.loads((folder / "lmladder_cost.json").read_text())["train_seconds"]
+    assert 2.0 <= cost < 3.0
+    again = weights.reuse_or_train(folder, "fp1", **kw)
+    assert again == {"reused_adapter": True, "truncated": 0, "original_train_seconds": cost}
+    assert weights.reuse_or_train(folder, "fp2", flag="reused_model", **kw) == {"steps": 3}
+    assert weights.stamp_of(folder) == "fp2" and calls == ["train", "load", "train"]

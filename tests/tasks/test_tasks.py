@@ -425,7 +425,7 @@ def test_example_configs_load_and_their_golds_convert(name, kind, n_test):
 
     from lmladder import config, data
 
-    cfg = config.build(config.read_yaml(Path(__file__).parents[1] / "examples" / f"{name}.yaml"))
+    cfg = config.build(config.read_yaml(Path(__file__).parents[2] / "examples" / f"{name}.yaml"))
     ds = data.load(cfg.data, cfg.seed, cfg.task.labels, cfg.task.kind)
     task = make_task(cfg.task, ds.info["labels"], cfg.eval, cfg.seed, ds)
     assert task.kind == kind and len(ds.test) == n_test
