@@ -23,6 +23,17 @@ median; the issue asks for lmladder's overhead (1 - ratio) <= 5%.
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python bench/align_dpo.py --steps 6 --rounds 4
 
 Timings on a shared CPU vary with its load: compare the two sides within one invocation.
+
+Memory mode (issue 16): ``--memory`` runs each side in its own subprocess (peak RSS = the
+child's ``ru_maxrss``, model load included), alternating, on the issue's data: the first
+``--limit-train`` pairs of ``--train`` with ``dpo.max_length=1024``, TRL's DPOTrainer with its
+defaults at the rung's batch_size (the same global batch) vs
+the dpo rung's path (lmladder's defaults: ``memory_budget_mb`` unset). ``--longest K`` trains
+on the K longest pairs only (every step then holds long pairs: the worst case of a full run,
+in a few steps); the loss curves of both sides are printed side by side.
+
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python bench/align_dpo.py --memory \
+        --train ../shared/datasets/hhh.preferences.jsonl --limit-train 150 --longest 16 --steps 4
 """
 
 from __future__ import annotations
@@ -99,8 +110,139 @@ def trl_side(cfg, base, tok, rows, steps: int, seed: int, work: Path) -> dict:
             "steps": out.global_step}
 
 
+def memory_child(side: str, a) -> dict:
+    """One side of the memory comparison, in this (fresh) process."""
+    import json
+    import resource
+
+    import torch
+
+    from lmladder import config as C
+    from lmladder.run import ladder
+    from lmladder.tasks import make_task
+
+    raw = {"task": {"kind": "preference"}, "model": "smollm2-135m", "rungs": ["dpo"],
+           "data": {"train": str(Path(a.train).resolve()), "input_field": "prompt", "limit_train": a.limit_train}}
+    for s_ in ["dpo.max_length=1024", f"dpo.max_steps={a.steps}", "dpo.forgetting_text=null", *a.set]:
+        C.apply_set(raw, s_)
+    cfg = C.build(raw)
+    dataset = ladder.validate(cfg)
+    if a.longest:  # the K longest pairs (characters): every step holds long pairs
+        key = lambda e: len(e.input) + max(len(str(e.fields.get("chosen", ""))), len(str(e.fields.get("rejected", ""))))  # noqa: E731
+        dataset.train = sorted(dataset.train, key=key, reverse=True)[: a.longest]
+    task = make_task(cfg.task, dataset.info["labels"], cfg.eval, cfg.seed, dataset)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-dpo-mem-"))
+    ctx = ladder.Context(cfg, dataset, task, tmp)
+    base, tok = ctx.base()
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    if side == "lmladder":
+        from lmladder.rungs.dpo import Dpo
+
+        rung = Dpo(ctx, cfg.dpo, tmp / "dpo")
+        rung.prepare()
+        model = rung.wrap(base)
+        stats = rung.train_weights(model, tok, tmp / "dpo" / ".trainer", None, "bench")
+        losses, plan = stats["loss_curve"], stats.get("memory_plan", {})
+        plan = {k: plan.get(k) for k in ("budget_mb", "micro", "accum", "fit_tokens", "micro_batches_checkpointed",
+                                         "micro_batches", "max_layers_checkpointed")}
+    else:
+        from datasets import Dataset
+        from peft import LoraConfig, TaskType
+        from trl import DPOConfig, DPOTrainer
+
+        d = cfg.dpo
+        args = DPOConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=d.batch_size,
+                         gradient_accumulation_steps=d.grad_accum, learning_rate=d.lr, max_steps=a.steps,
+                         lr_scheduler_type=d.lr_scheduler, warmup_steps=d.warmup_ratio, logging_steps=1,
+                         report_to="none", seed=cfg.seed, data_seed=cfg.seed, use_cpu=True, save_strategy="no",
+                         beta=d.beta, max_length=d.max_length)
+        trainer = DPOTrainer(model=base, args=args, train_dataset=Dataset.from_list(trl_rows(ctx)),
+                             processing_class=copy.deepcopy(tok),
+                             peft_config=LoraConfig(task_type=TaskType.CAUSAL_LM, r=d.r, lora_alpha=d.alpha,
+                                                    lora_dropout=d.dropout, target_modules=d.target_modules))
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        plan = {}
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"side": side, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "seconds": seconds, "losses": losses, "plan": plan, "load": os.getloadavg(),
+            "pairs": len(dataset.train)}
+
+
+def _watched(cmd, env, kill_mb: int, scratch: Path) -> tuple[bool, float]:
+    """Run ``cmd``, sampling its RSS (and its children's) every 0.5 s; stop it past ``kill_mb``.
+    Returns (stopped, highest RSS sampled); stdout / stderr in ``_watched.last_stdout`` / ``_stderr``."""
+    import subprocess
+
+    import psutil
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    with open(scratch / "out", "w") as fo, open(scratch / "err", "w") as fe:
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True, env=env)
+        ps, top, killed = psutil.Process(proc.pid), 0.0, False
+        while proc.poll() is None:
+            try:
+                rss = sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]) / 2**20
+            except psutil.Error:
+                rss = 0.0
+            top = max(top, rss)
+            if rss > kill_mb:
+                proc.kill()
+                killed = True
+                break
+            time.sleep(0.5)
+        proc.wait()
+    _watched.last_stdout = (scratch / "out").read_text()
+    _watched.last_stderr = (scratch / "err").read_text()
+    shutil.rmtree(scratch, ignore_errors=True)
+    return killed, top
+
+
+def memory_main(a) -> None:
+    import json
+    import subprocess
+    import sys
+
+    results = []
+    for i in range(a.rounds):
+        sides = [x for x in a.sides.split(",") if x]
+        for side in (sides if i % 2 == 0 else sides[::-1]):
+            cmd = [sys.executable, __file__, "--memory-child", side, "--train", a.train, "--limit-train",
+                   str(a.limit_train), "--longest", str(a.longest), "--steps", str(a.steps),
+                   *[x for s_ in a.set for x in ("--set", s_)]]
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            killed, top = _watched(cmd, env, a.kill_mb, Path(tempfile.mkdtemp()) / f"{side}{i}")
+            if killed:  # the machine is shared: a run past --kill-mb is stopped, its peak reported as a floor
+                print(f"{side:9s} peak RSS > {a.kill_mb} MB: stopped at {top:.0f} MB (--kill-mb)", flush=True)
+                results.append({"side": side, "peak_rss_mb": top, "killed": True})
+                continue
+            stdout = _watched.last_stdout
+            line = next((l for l in stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{side}: failed\n{_watched.last_stderr[-3000:]}", flush=True)
+                continue
+            res = json.loads(line[7:])
+            results.append(res)
+            print(f"{side:9s} peak RSS {res['peak_rss_mb']:7.0f} MB  {res['seconds']:6.1f} s  pairs {res['pairs']}  "
+                  f"load {res['load'][0]:.2f}  losses {[round(x, 4) for x in res['losses']]}  {res['plan']}",
+                  flush=True)
+    for side in ("lmladder", "trl"):
+        v = [r["peak_rss_mb"] for r in results if r["side"] == side]
+        if v:
+            print(f"{side}: peak RSS {min(v):.0f}-{max(v):.0f} MB (n={len(v)})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--memory", action="store_true", help="peak RSS per side, each in its own process (issue 16)")
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    ap.add_argument("--train", default=str(ROOT.parent / "shared/datasets/hhh.preferences.jsonl"))
+    ap.add_argument("--limit-train", type=int, default=150)
+    ap.add_argument("--longest", type=int, default=0, help="memory mode: train on the K longest pairs only")
+    ap.add_argument("--sides", default="lmladder,trl", help="memory mode: the sides run, alternating")
+    ap.add_argument("--kill-mb", type=int, default=12000, help="memory mode: stop a side whose RSS passes this")
     ap.add_argument("--config", default=str(ROOT / "examples/hhh_dpo.yaml"))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=4, help="counted rounds (the order alternates)")
@@ -108,6 +250,14 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config overrides (e.g. dpo.batch_size=2, dpo.max_length=128)")
     a = ap.parse_args()
+    if a.memory_child:
+        import json
+
+        print("RESULT " + json.dumps(memory_child(a.memory_child, a)), flush=True)
+        return
+    if a.memory:
+        memory_main(a)
+        return
 
     import torch
 

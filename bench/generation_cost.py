@@ -11,7 +11,9 @@ path ``tasks.base.generate_answers`` -> ``inference.generate``):
       max_new_tokens 8.
     Reported: seconds per example and per generated token; their ratio constrained /
     free (target <= 1.3x), and the share of outputs that parse.
-(b) **Self-consistency batching.** ``--n-math`` GSM8K questions (examples/gsm8k.yaml):
+(b) **Self-consistency batching** (and, since issue 16, paths that stop at their answer
+    line and leave the batch, as the cot / self-consistency rungs do by default;
+    ``--no-stop-at-answer`` times the old behaviour). ``--n-math`` GSM8K questions (examples/gsm8k.yaml):
     one greedy CoT (n=1) vs self-consistency N=8 (sampled, T=0.7, top-p 0.95), same
     prompts and max_new_tokens; N paths share one prefill and decode as one batch.
     Reported: wall time ratio SC / CoT (target <= 3x) at ``--sc-batch`` sequences per
@@ -91,7 +93,7 @@ def bench_grammar(model, fmt, name, yaml, n, max_new, reps, engines):
     return rows
 
 
-def bench_sc(model, fmt, n, max_new, reps, sc_batch, bs8=False):
+def bench_sc(model, fmt, n, max_new, reps, sc_batch, bs8=False, stop=True):
     from lmladder.tasks.base import generate_answers
 
     cfg, task, test = _task("gsm8k.yaml", n, None)
@@ -101,7 +103,7 @@ def bench_sc(model, fmt, n, max_new, reps, sc_batch, bs8=False):
         task.eval_cfg.gen_batch_size = batch
         kw = dict(do_sample=True, temperature=0.7, top_p=0.95) if n_samples > 1 else {}
         return generate_answers(task, model, fmt, msgs, test, reasoning=True, max_new_tokens=max_new,
-                                n=n_samples, desc=f"n={n_samples}", **kw)
+                                n=n_samples, desc=f"n={n_samples}", stop_at_answer=stop, **kw)
 
     run(1, 8)  # warmup
     rows = []
@@ -114,6 +116,7 @@ def bench_sc(model, fmt, n, max_new, reps, sc_batch, bs8=False):
             g = info["generation"]
             rows.append(dict(task="gsm8k", arm=arm, round=r + 1, seconds=secs, examples=len(msgs),
                              tokens=g["generated_tokens"], prefill=g["prefill_tokens"],
+                             row_steps=g.get("decode_row_steps"), answer_stops=g.get("answer_stops"),
                              parsed=sum(p["pred"] is not None for p in preds) / len(preds)))
             print(f"  gsm8k {arm} round {r + 1}: {secs:.2f}s, {g['generated_tokens']} tokens, "
                   f"prefill {g['prefill_tokens']}", flush=True)
@@ -174,6 +177,8 @@ def main():
                     help="torch threads (1: on a shared, oversubscribed CPU two OpenMP threads stall at barriers)")
     ap.add_argument("--llg", action="store_true", help="also time llguidance")
     ap.add_argument("--skip", default="", help="comma list of: extraction,classification,sc")
+    ap.add_argument("--no-stop-at-answer", action="store_true",
+                    help="self-consistency / CoT paths decode to end-of-turn or max tokens (before issue 16)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -195,7 +200,8 @@ def main():
     if "classification" not in skip:
         g_rows += bench_grammar(model, fmt, "classification", "sst2.yaml", args.n_class, 8, args.reps, engines)
     if "sc" not in skip:
-        sc_rows = bench_sc(model, fmt, args.n_math, args.math_tokens, args.reps, args.sc_batch, args.sc_bs8)
+        sc_rows = bench_sc(model, fmt, args.n_math, args.math_tokens, args.reps, args.sc_batch, args.sc_bs8,
+                           stop=not args.no_stop_at_answer)
     report(g_rows, sc_rows, engines)
     print(f"\ntotal {time.perf_counter() - t0:.0f}s; load avg before {load0:.1f}, after {os.getloadavg()[0]:.1f}")
 

@@ -25,6 +25,9 @@ What is measured
     HF_HUB_OFFLINE=1 .venv/bin/lmladder run examples/sst2.yaml --rungs lora --limit-train 16 \\
         --limit-test 4 --set lora.max_steps=2 --out /tmp/serve-run      # the adapter (~1 min)
     HF_HUB_OFFLINE=1 .venv/bin/python bench/serve_load.py --run-dir /tmp/serve-run
+    # issue 16: engines side by side (continuous batching; llama.cpp; the engine before)
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/serve_load.py --run-dir runs/sst2 \\
+        --engines builtin,llamacpp,builtin@1986ff5
 
 Traffic goes to 127.0.0.1 only; request count and time are bounded.
 """
@@ -37,7 +40,6 @@ import os
 import platform
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -187,8 +189,105 @@ def merged_rss(spec: str, adapters: list[str]) -> None:
     print(json.dumps(out))
 
 
+def _start(cmd: list[str], env: dict, logpath: Path, url: str):
+    import httpx
+
+    t0 = time.perf_counter()
+    srv = subprocess.Popen(cmd, stdout=open(logpath, "w"), stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    while True:
+        if srv.poll() is not None:
+            sys.exit(f"server exited early (rc {srv.returncode}); log: {logpath}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return srv, time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        if time.perf_counter() - t0 > 900:
+            srv.kill()
+            sys.exit(f"server did not come up in 900 s; log: {logpath}")
+        time.sleep(0.5)
+
+
+def engines_main(a) -> int:
+    """Issue 16: the engines side by side on one run folder, each its own server process,
+    one after another: ``builtin`` (continuous batching), ``llamacpp`` (--engine llamacpp,
+    f16 GGUF + GGUF LoRA), and ``builtin@REV`` (the built-in engine of an earlier commit,
+    checked out into a temporary git worktree: "today's" engine before the change).
+    Per engine: lone requests (one at a time, ``--lone`` of them: latency p50 and batch-1
+    decode tok/s), then ``--clients`` concurrent clients sending ``--requests`` requests
+    (p50 / p95 latency, aggregate tok/s), all to the base model, greedy."""
+    import httpx
+
+    run = Path(a.run_dir)
+    ps = prompts(a.requests)
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="serve-engines-"))
+    for eng in a.engines.split(","):
+        env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+        src = ROOT / "src"
+        kind = eng
+        if "@" in eng:
+            kind, rev = eng.split("@", 1)
+            wt = tmp / f"wt-{rev}"
+            if not wt.exists():  # an engine may be listed twice (interleaved rounds)
+                subprocess.run(["git", "worktree", "add", "--detach", str(wt), rev], cwd=ROOT, check=True,
+                               capture_output=True)
+            src = wt / "src"
+        env["PYTHONPATH"] = str(src)
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-c", "import sys; from lmladder.cli import main; sys.exit(main())", "serve",
+               str(run.resolve()), "--host", "127.0.0.1", "--port", str(port), "--batch-size", str(a.batch_size),
+               "--batch-wait-ms", str(a.batch_wait_ms), "--log-level", "warning"]
+        if kind == "llamacpp":
+            cmd += ["--engine", "llamacpp", "--threads", str(a.threads)]
+        print(f"{eng}: starting", flush=True)
+        srv, up = _start(cmd, env, tmp / f"{eng.replace('/', '_')}.log", url)
+        try:
+            httpx.post(url + "/v1/chat/completions", json={"model": "base", "messages": ps[0], "max_tokens": 4,
+                                                           "temperature": 0}, timeout=300).raise_for_status()
+            lone = load(url, [("base", p) for p in ps[: a.lone]], 1, a.max_tokens, a.time_limit)
+            l0 = os.getloadavg()[0]
+            many = load(url, [("base", p) for p in ps], a.clients, a.max_tokens, a.time_limit)
+            rss = rss_mb(srv.pid)
+        finally:
+            srv.terminate()
+            try:
+                srv.wait(20)
+            except subprocess.TimeoutExpired:
+                srv.kill()
+        lone_tok_s = lone["tokens"] / sum(r["latency"] for r in lone["results"].values())
+        rows.append(dict(engine=eng, up_s=up, lone_p50=lone["p50_s"], lone_tok_s=lone_tok_s, ok=many["ok"],
+                         n=many["requests"], p50=many["p50_s"], p95=many["p95_s"], agg=many["tok_per_s"],
+                         rss=rss, load=l0, texts=[many["results"].get(i, {}).get("text") for i in range(a.lone)]))
+        print(f"{eng}: lone p50 {lone['p50_s']:.2f}s ({lone_tok_s:.1f} tok/s); {a.clients} clients p50 "
+              f"{many['p50_s']:.2f}s p95 {many['p95_s']:.2f}s, {many['tok_per_s']:.1f} tok/s; load {l0:.1f}", flush=True)
+    for eng in sorted(set(a.engines.split(","))):
+        if "@" in eng:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tmp / f"wt-{eng.split('@', 1)[1]}")],
+                           cwd=ROOT, capture_output=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\n{a.requests} requests, {a.clients} clients, max_tokens {a.max_tokens}, greedy, base model of "
+          f"{run}; server --batch-size {a.batch_size} --batch-wait-ms {a.batch_wait_ms}; {a.threads} threads\n")
+    print("| engine | lone p50 s | batch-1 decode tok/s | clients p50 s | p95 s | p50 / lone p50 | aggregate tok/s "
+          "| ok | RSS MB | load avg |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['engine']} | {r['lone_p50']:.2f} | {r['lone_tok_s']:.1f} | {r['p50']:.2f} | {r['p95']:.2f} | "
+              f"{r['p50'] / r['lone_p50']:.2f}x | {r['agg']:.1f} | {r['ok']}/{r['n']} | {r['rss']:.0f} | "
+              f"{r['load']:.1f} |")
+    if len(rows) > 1:
+        same = [sum(x == y for x, y in zip(rows[0]["texts"], r["texts"])) for r in rows[1:]]
+        print("\nsame greedy text as " + rows[0]["engine"] + " on the first lone prompts: "
+              + ", ".join(f"{r['engine']} {k}/{a.lone}" for r, k in zip(rows[1:], same)))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--engines", help="compare engines instead (issue 16), e.g. builtin,llamacpp,builtin@1986ff5")
+    ap.add_argument("--lone", type=int, default=8, help="--engines: lone requests, one at a time")
+    ap.add_argument("--threads", type=int, default=1, help="--engines: OMP / llama.cpp threads per server (1: robust on a shared machine)")
     ap.add_argument("--run-dir", default="/tmp/serve-run", help="run folder with rungs/lora/adapter")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--clients", type=int, default=32)
@@ -199,6 +298,8 @@ def main() -> int:
     ap.add_argument("--time-limit", type=float, default=240.0, help="per load scenario (seconds)")
     ap.add_argument("--merged-rss", nargs="+", metavar="SPEC ADAPTER", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.engines:
+        return engines_main(a)
     if a.merged_rss:
         merged_rss(a.merged_rss[0], a.merged_rss[1:])
         return 0
@@ -242,7 +343,7 @@ def main() -> int:
             httpx.post(url + "/v1/chat/completions", json={"model": m, "messages": ps[0], "max_tokens": 4,
                                                            "temperature": 0}, timeout=120).raise_for_status()
             rss["base, after 1 request" if m == "base" else f"+ adapter {m}"] = rss_mb(srv.pid)
-        rss["2 adapters loaded"] = rss[f"+ adapter lora-b"]
+        rss["2 adapters loaded"] = rss["+ adapter lora-b"]
         scen, loadavg = {}, {"start": os.getloadavg()[0]}
         cpu0 = cpu_s(srv.pid)
         scen["A: base only"] = load(url, [("base", p) for p in ps], a.clients, a.max_tokens, a.time_limit)

@@ -19,6 +19,12 @@ batch size, learning rate / warmup / linear schedule and ``max_steps``:
   issue 4), to show where the memory went.
 * ``lmladder-gc``: lmladder with ``gradient_checkpointing: true`` (as TRL's default).
 * ``qlora``: lmladder's path on a 4-bit NF4 base (bitsandbytes), vs ``lmladder``'s peak RSS.
+* ``lmladder-issue4``: the path before issue 16 (the whole batch in one micro-batch, PEFT's
+  own LoRA dropout); ``lmladder-capN``: the micro-batch cap (training/memory.py
+  ``CPU_MICRO_TOKENS``) set to N tokens.
+* ``--profile``: where the lora path's peak goes, stage by stage, in one fresh process
+  (imports, weights, forgetting check, data, adapter + optimizer, one optimizer step);
+  again with ``MALLOC_MMAP_THRESHOLD_=131072`` for the allocator's share (issue 16).
 
 Every run is its own subprocess (peak RSS is the child's ``ru_maxrss``, never shared);
 runs alternate A/B/A/B (``--rounds``) because the machine is shared. Tokens/s counts
@@ -38,6 +44,7 @@ from __future__ import annotations
 from lmladder import prompts
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -48,6 +55,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the machine is shared: spin-waiting threads cost more than they give
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -69,6 +77,11 @@ def _features(tok, model, rows):
     msgs = [user_message(INSTRUCTION, r["text"], labels=LABELS) for r in rows]
     feats = [sft.build_feature(fmt, m, r["label"], 1024, f"sst2:{i}", eos) for i, (m, r) in enumerate(zip(msgs, rows))]
     return msgs, feats
+
+
+@contextlib.contextmanager
+def _noop_ctx(model):
+    yield 0
 
 
 def _lora():
@@ -104,6 +117,18 @@ def child(mode: str, a) -> dict:
 
     seed = int(mode.split("-seed")[1]) if "-seed" in mode else 0  # e.g. lmladder-seed1: another data order
     mode = mode.split("-seed")[0]
+    label = mode
+    if "-cap" in mode:  # e.g. lmladder-cap128: memory.CPU_MICRO_TOKENS = 128 (the micro-batch cap)
+        from lmladder.training import memory
+
+        mode, cap = mode.split("-cap")
+        memory.CPU_MICRO_TOKENS = int(cap)
+    if mode == "lmladder-issue4":  # the path before issue 16: the whole batch in one micro-batch, PEFT's dropout
+        from lmladder.training import lean, memory
+
+        real_plan = memory.plan
+        memory.plan = lambda *a_, **kw: real_plan(*a_, **{**kw, "cap_tokens": 10**9})
+        lean.fused_lora_dropout = _noop_ctx
     torch.manual_seed(seed)
     if mode == "qlora":  # never load the fp32 model in this process: its RSS would count
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -125,7 +150,7 @@ def child(mode: str, a) -> dict:
     msgs, feats = _features(tok, model, train_rows)
     _, eval_feats = _features(tok, model, eval_rows)
     avg_len = sum(len(f.input_ids) for f in feats) / len(feats)
-    out = {"mode": mode + (f"-seed{seed}" if seed else "")}
+    out = {"mode": label + (f"-seed{seed}" if seed else "")}
     if mode.startswith("trl"):
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
@@ -147,6 +172,8 @@ def child(mode: str, a) -> dict:
         cfg = LadderLora(lr=LR, warmup_ratio=WARMUP, max_steps=a.steps, batch_size=a.batch, r=R, alpha=ALPHA,
                          dropout=DROPOUT, dev_fraction=0, checkpoints=False, packing=mode != "lmladder-fulllogits",
                          gradient_checkpointing=mode == "lmladder-gc")
+        if mode == "lmladder-issue4":
+            cfg.memory_budget_mb = 10**6
         if mode == "lmladder-fulllogits":  # the pre-issue-4 path: vocabulary logits at every position
             init = sft.Collator.__init__
 
@@ -166,6 +193,7 @@ def child(mode: str, a) -> dict:
         stats = sft.train(pm, tok, feats, [r["label"] for r in train_rows], cfg, a.work / mode, seed, name=mode)
         seconds = stats["train_seconds"]
         trained = pm
+        out["memory_plan"] = {k: stats["memory_plan"][k] for k in ("micro", "accum", "checkpoint_layers", "budget_mb")}
     out.update({
         "seconds": seconds,
         "tokens_per_s": avg_len * a.batch * a.steps / seconds,
@@ -174,6 +202,68 @@ def child(mode: str, a) -> dict:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "load": os.getloadavg()[0],
     })
+    return out
+
+
+def profile(a) -> dict:
+    """Where the LoRA rung's peak goes (issue 16), in this fresh process, stage by stage:
+    RSS after the imports, after loading the weights, after the forgetting check, after
+    the data, after the adapter and the optimizer state; then the peak of one optimizer step
+    (the default memory plan: micro-batches with accumulation, fused LoRA dropout) above that.
+    Run it again with ``MALLOC_MMAP_THRESHOLD_=131072`` to see the allocator's share."""
+    import psutil
+    import torch
+
+    rss = lambda: psutil.Process().memory_info().rss / 2**20  # noqa: E731
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731
+    out = {"imports": rss()}
+    from peft import get_peft_model
+
+    from lmladder.models import load_causal_lm
+    from lmladder.rungs.lora import LoraConfig as LadderLora
+    from lmladder.training import forgetting, lean, memory, sft
+
+    out["imports"] = rss()
+    model, tok, _ = load_causal_lm("smollm2-135m")
+    out["weights_loaded"] = rss()
+    cfg = LadderLora(max_steps=1, batch_size=a.batch, dev_fraction=0, checkpoints=False)
+    before = peak()
+    check = forgetting.before(model, tok, cfg)
+    out["forgetting_check_peak_over_weights"] = max(0.0, peak() - max(before, out["weights_loaded"]))
+    del check
+    train_rows = _rows(ROOT / "examples/data/sst2.train.jsonl", a.train)
+    msgs, feats = _features(tok, model, train_rows)
+    out["data"] = rss()
+    pm = get_peft_model(model, _lora())
+    pm.train()
+    n_train = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
+    for p in pm.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    opt.step()  # the two moments exist now
+    opt.zero_grad(set_to_none=False)
+    out["adapter_and_optimizer"] = rss()
+    out["optimizer_state_mb_analytic"] = n_train * 12 / 2**20
+    lengths = [len(f.input_ids) for f in feats]
+    plan = memory.plan(pm, lengths, a.batch, 1, None)
+    order = sorted(range(len(feats)), key=lambda i: -lengths[i])[: a.batch]  # the longest global batch
+    col = sft.Collator(tok.pad_token_id, packing=True, keep_logits=True)
+    base_peak = peak()
+    with lean.fused_lora_dropout(pm), lean.checkpoint_layers(pm, plan.layers_for if plan.checkpoint_layers else 0):
+        for s_ in range(0, a.batch, plan.micro):
+            b = col([{"input_ids": feats[i].input_ids, "labels": feats[i].labels} for i in order[s_: s_ + plan.micro]])
+            labels = b.pop("labels")
+            sft.token_loss(pm(**b), labels).backward()
+    opt.step()
+    out["step_peak"] = peak()
+    out["step_peak_over_start"] = peak() - max(base_peak, out["adapter_and_optimizer"])
+    out["micro_tokens"] = max(lengths) * plan.micro
+    out["plan"] = plan.as_dict()
+    out["activation_estimate_mb"] = memory.activation_mb_per_token(pm) * out["micro_tokens"] * (
+        1 - plan.layers_for(out["micro_tokens"]) / max(plan.n_layers, 1))
+    out["full_logits_mb_analytic"] = out["micro_tokens"] * pm.config.vocab_size * 4 * 3 / 2**20
+    out["malloc"] = os.environ.get("MALLOC_MMAP_THRESHOLD_", "default")
     return out
 
 
@@ -187,10 +277,14 @@ def main() -> None:
     p.add_argument("--modes", default="lmladder,trl", help="modes alternated each round")
     p.add_argument("--once", default="lmladder-gc,trl-nogc,qlora,lmladder-fulllogits", help="modes run once at the end")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--profile", action="store_true", help="where the LoRA rung's peak goes, stage by stage")
     p.add_argument("--work", type=Path, default=Path("/tmp/lmladder-bench-train"))
     a = p.parse_args()
     if a.child:
         print("RESULT " + json.dumps(child(a.child, a)), flush=True)
+        return
+    if a.profile:
+        print(json.dumps(profile(a), indent=1), flush=True)
         return
     plan = [m for _ in range(a.rounds) for m in a.modes.split(",")] + [m for m in a.once.split(",") if m]
     results = []
@@ -205,7 +299,8 @@ def main() -> None:
         res = json.loads(line[7:])
         results.append(res)
         print(f"{mode:22s} {res['tokens_per_s']:8.1f} tok/s  {res['examples_per_s']:6.2f} ex/s  "
-              f"peak RSS {res['peak_rss_mb']:7.0f} MB  eval loss {res['eval_loss']:.4f}  load {res['load']:.1f}",
+              f"peak RSS {res['peak_rss_mb']:7.0f} MB  eval loss {res['eval_loss']:.4f}  load {res['load']:.1f}"
+              f"  {res.get('memory_plan', '')}",
               flush=True)
     by: dict[str, list[dict]] = {}
     for r in results:

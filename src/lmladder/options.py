@@ -83,7 +83,11 @@ class OptimConfig(ConfigModel):
     )
     epochs: float = Field(1.0, gt=0, description="Passes over the train set.")
     max_steps: int | None = Field(None, ge=1, description="Stop after N optimizer steps.")
-    batch_size: int = Field(8, ge=1, description="Sequences per optimizer micro-batch.")
+    batch_size: int = Field(
+        8, ge=1,
+        description="Sequences per optimizer micro-batch at most (the global batch is batch_size x grad_accum; "
+        "a smaller micro-batch with more accumulation may run, see memory_budget_mb).",
+    )
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps used for warmup.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -97,6 +101,12 @@ class OptimConfig(ConfigModel):
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass (less memory, slower)."
+    )
+    memory_budget_mb: int | None = Field(
+        None, ge=64,
+        description="Training memory budget in MB: the micro-batch (with gradient accumulation: the same global "
+        "batch_size x grad_accum) and, below one sequence's need, the number of checkpointed layers are chosen "
+        "to fit it; default: what the process holds plus half of the memory available when training starts.",
     )
     save_steps: int | None = Field(
         None, ge=1, description="Checkpoint every N steps (default: at every evaluation; about 5 per run without one)."

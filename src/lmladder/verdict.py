@@ -160,13 +160,18 @@ def curve_reading(points: list[dict], target: float | None, rule: str = "point",
 
 # --------------------------------------------------------------------------- the decision
 
+def label(r: dict) -> str:
+    """A row's name in the verdict: its rung, or in a grid of models its cell ``model/rung``."""
+    return r.get("cell") or r["name"]
+
+
 def _cost_key(r: dict) -> tuple:
     """Cheapest first: total cost in money at the call volume (when priced), then the
     ladder order, then measured per-call and one-time seconds, then the name."""
     c = r.get("cost") or {}
     total = c.get("total_usd")
     return (float(total) if total is not None else 0.0, r["rank"], float(c.get("per_call_s") or 0.0),
-            float(c.get("one_time_s") or 0.0), r["name"])
+            float(c.get("one_time_s") or 0.0), label(r))
 
 
 # --------------------------------------------------------------------------- money
@@ -215,13 +220,13 @@ def breakeven(chosen: dict, others: list[dict]) -> list[dict]:
         if o1 is None or op is None or r is chosen:
             continue
         if op == cp:
-            out.append({"rung": r["name"], "calls": None, "cheaper": "never" if o1 >= c1 else "always"})
+            out.append({"rung": label(r), "calls": None, "cheaper": "never" if o1 >= c1 else "always"})
             continue
         n = (c1 - o1) / (op - cp)
         if n <= 0:  # the lines do not cross at a positive volume
-            out.append({"rung": r["name"], "calls": None, "cheaper": "never"})
+            out.append({"rung": label(r), "calls": None, "cheaper": "never"})
         else:
-            out.append({"rung": r["name"], "calls": round(n), "cheaper": "below" if op > cp else "above"})
+            out.append({"rung": label(r), "calls": round(n), "cheaper": "below" if op > cp else "above"})
     return out
 
 
@@ -240,7 +245,7 @@ def meets(r: dict, target: float, rule: str) -> bool:
 
 
 def _fmt(r: dict) -> str:
-    return f"{r['name']} {r['score']:.3f} (95% CI {r['ci'][0]:.3f}-{r['ci'][1]:.3f})"
+    return f"{label(r)} {r['score']:.3f} (95% CI {r['ci'][0]:.3f}-{r['ci'][1]:.3f})"
 
 
 def _fmt_pair(pr: dict) -> str:
@@ -264,13 +269,13 @@ def decide(rows: list[dict], baseline: dict | None, unfinished: list[dict], metr
     cands = sorted((r for r in rows if r.get("policy", True)), key=_cost_key)
 
     def finish(rec: dict) -> dict:
-        ref = next((r for r in everyone if r["name"] == (rec.get("rung") or rec.get("best"))), None)
+        ref = next((r for r in everyone if label(r) == (rec.get("rung") or rec.get("best"))), None)
         for r in everyone:
             if ref is None or r is ref:
                 r["paired"] = None
                 continue
             pr = paired(r.get("per_example"), ref.get("per_example"), n_boot, seed)
-            r["paired"] = None if pr is None else {"vs": ref["name"], **pr}
+            r["paired"] = None if pr is None else {"vs": label(ref), **pr}
         rec["rule"] = rule
         if notes:
             rec["reason"] += "; " + "; ".join(notes)
@@ -279,7 +284,7 @@ def decide(rows: list[dict], baseline: dict | None, unfinished: list[dict], metr
 
     if not cands:
         rec = {"rung": None, "meets_target": False, "reason": "no finished rungs" + (
-            f" (not finished: {', '.join(u['name'] + ' ' + u['state'] for u in unfinished)})" if unfinished else "")}
+            f" (not finished: {', '.join(label(u) + ' ' + u['state'] for u in unfinished)})" if unfinished else "")}
         return finish(rec)
 
     best = min(cands, key=lambda r: (-r["score"], _cost_key(r)))  # ties: the cheaper rung
@@ -294,23 +299,23 @@ def decide(rows: list[dict], baseline: dict | None, unfinished: list[dict], metr
     if baseline is not None:
         pr = paired(chosen.get("per_example"), baseline.get("per_example"), n_boot, seed)
         if pr is not None and not (distinct(pr) and pr["diff"] > 0):
-            reason = (f"{chosen['name']} ({_fmt(chosen)}) cannot be told apart from the {BASELINE} baseline "
+            reason = (f"{label(chosen)} ({_fmt(chosen)}) cannot be told apart from the {BASELINE} baseline "
                       f"({baseline['score']:.3f}: the most frequent train label for every input; {_fmt_pair(pr)}); "
                       "no rung is recommended")
-            rec = {"rung": None, "best": chosen["name"], "meets_target": False, "baseline": BASELINE,
+            rec = {"rung": None, "best": label(chosen), "meets_target": False, "baseline": BASELINE,
                    "vs_baseline": pr, "reason": reason}
             return finish(rec)
     scope = "among finished rungs" if unfinished else "among the rungs run"
     unknown_txt = ""
     if cheaper_unknown:
-        unknown_txt = "; not finished, so unknown: " + ", ".join(f"{u['name']} ({u['state']})" for u in cheaper_unknown)
+        unknown_txt = "; not finished, so unknown: " + ", ".join(f"{label(u)} ({u['state']})" for u in cheaper_unknown)
     if target is None:
-        rec = {"rung": best["name"], "meets_target": None,
+        rec = {"rung": label(best), "meets_target": None,
                "reason": f"no target set; best {metric} {scope}: {_fmt(best)}{unknown_txt}"}
         return finish(rec)
     if meets_t:
         calls = calls_of(chosen)
-        reason = (f"{chosen['name']} is the cheapest rung {scope} that meets {metric} >= {target} ({rule_txt})"
+        reason = (f"{label(chosen)} is the cheapest rung {scope} that meets {metric} >= {target} ({rule_txt})"
                   + ("" if calls is None else f" at {calls:,} calls") + f": {_fmt(chosen)}")
         if calls is not None:
             reason += f", total {fmt_usd(chosen['cost']['total_usd'])}"
@@ -320,11 +325,11 @@ def decide(rows: list[dict], baseline: dict | None, unfinished: list[dict], metr
                 continue
             pr = paired(c.get("per_example"), chosen.get("per_example"), n_boot, seed)
             if pr is None:
-                parts.append(f"{c['name']} {c['score']:.3f} (no paired data)")
+                parts.append(f"{label(c)} {c['score']:.3f} (no paired data)")
             elif distinct(pr) and pr["diff"] < 0:
-                parts.append(f"{c['name']} {c['score']:.3f} falls short ({_fmt_pair(pr)})")
+                parts.append(f"{label(c)} {c['score']:.3f} falls short ({_fmt_pair(pr)})")
             else:
-                parts.append(f"{c['name']} {c['score']:.3f} cannot be told apart from {chosen['name']} "
+                parts.append(f"{label(c)} {c['score']:.3f} cannot be told apart from {label(chosen)} "
                              f"({_fmt_pair(pr)}) but does not meet the target under the rule")
         if parts:
             reason += "; cheaper rungs: " + "; ".join(parts)
@@ -335,11 +340,11 @@ def decide(rows: list[dict], baseline: dict | None, unfinished: list[dict], metr
             if b["calls"] is not None:
                 reason += (f"; {b['rung']} would be cheaper {b['cheaper']} {b['calls']:,} calls")
         reason += unknown_txt
-        rec = {"rung": chosen["name"], "meets_target": None if cheaper_unknown else True, "reason": reason,
+        rec = {"rung": label(chosen), "meets_target": None if cheaper_unknown else True, "reason": reason,
                "breakeven": be}
         return finish(rec)
     gap = target - (best["ci"][0] if rule == "lower-bound" else best["score"])
-    rec = {"rung": best["name"], "meets_target": False, "gap": round(gap, 4),
+    rec = {"rung": label(best), "meets_target": False, "gap": round(gap, 4),
            "reason": f"no rung {scope} meets {metric} >= {target} ({rule_txt}); the best is {_fmt(best)}, "
                      f"{gap:.3f} short{unknown_txt}"}
     return finish(rec)

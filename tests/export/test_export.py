@@ -137,7 +137,7 @@ def test_gguf_export_header_tensors_and_transformers_reload(run_cli, run_dir, so
     assert v("llama.rope.freq_base") == pytest.approx(10000.0)
     assert v("llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-6)
     assert v("general.file_type") == 0
-    assert v("tokenizer.ggml.model") == "gpt2" and v("tokenizer.ggml.pre") == "gpt2"
+    assert v("tokenizer.ggml.model") == "gpt2" and v("tokenizer.ggml.pre") == "gpt-2"
     pm, tok, ids, want = source
     tokens = v("tokenizer.ggml.tokens")
     assert len(tokens) == 259 and tokens[tok.eos_token_id] == "<|im_end|>"

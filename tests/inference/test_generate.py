@@ -27,8 +27,9 @@ def test_greedy_n_samples_equal_one_greedy_path(tiny):
 
 
 def test_one_prefill_per_prompt(tiny):
-    """N samples cost one prompt prefill (minus the last token, which generate runs),
-    not N: count the tokens the model actually sees in prefill calls."""
+    """N samples cost one prompt prefill, not N: count the tokens the model actually sees.
+    The prefill runs every prompt token once (one row per prompt), its cache and last
+    logits are repeated for the N paths, and each decode step feeds one token per path."""
     model, tok = tiny
     ids = _ids(tok, TEXTS)
     seen = []
@@ -41,11 +42,12 @@ def test_one_prefill_per_prompt(tiny):
     finally:
         hook.remove()
     width = max(map(len, ids))
-    # first call: the prompts' prefill, one row per prompt (not per sample)
-    assert seen[0] == (len(ids), width - 1)
-    # then generate's own first step: only the last prompt token, one row per sample
+    # first call: the prompts' prefill, one row per prompt (not per sample), every token
+    assert seen[0] == (len(ids), width)
+    # then decode steps: one new token per path (the first tokens were drawn from the
+    # prefill's logits); paths that ended may have left the batch
     assert seen[1] == (len(ids) * 4, 1)
-    assert all(s[1] == 1 for s in seen[1:])
+    assert all(s[1] == 1 and s[0] <= len(ids) * 4 for s in seen[1:]) and len(seen) <= 4
     assert stats.prefill_tokens == sum(map(len, ids))
     assert stats.prompt_tokens == sum(map(len, ids)) and stats.sequences == 12
 
@@ -74,3 +76,24 @@ def test_empty_prompt_is_an_error(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="empty prompt"):
         generate(model, tok, [[]], progress=False)
+
+
+def test_top_p_keeps_what_transformers_keeps():
+    """TopP (topk first, full sort only for flat rows) keeps exactly the tokens
+    transformers' TopPLogitsWarper keeps: peaked rows, flat rows, a one-hot row."""
+    import torch
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from lmladder.inference.generate import TopP
+
+    g = torch.Generator().manual_seed(0)
+    peaked = torch.randn(4, 1000, generator=g) * 6
+    flat = torch.randn(3, 1000, generator=g) * 0.1  # the nucleus reaches far past the top 256
+    onehot = torch.full((1, 1000), -30.0)
+    onehot[0, 7] = 10.0
+    for scores in (peaked, flat, onehot, torch.cat([peaked, flat, onehot])):
+        for p in (0.5, 0.9, 0.95):
+            ref = TopPLogitsWarper(p)(None, scores.clone())
+            ours = TopP(p)(None, scores.clone())
+            assert torch.equal(torch.isinf(ours), torch.isinf(ref)), p
+            assert torch.equal(ours[~torch.isinf(ours)], scores[~torch.isinf(ref)])

@@ -96,6 +96,7 @@ def test_qlora_trains_on_a_4bit_base_and_reports_the_saving(run_cli, toy_data, t
     assert q["trainable_params"] == lo["trainable_params"]  # the same LoRA on top
     m = q["memory"]
     assert m["base_weights_mb_4bit"] < m["base_weights_mb_lora"] and 0 < m["weights_saving"] < 1
+    assert torch.cuda.is_available() or "CPU" in m["note"]  # issue 16: on CPU the report says the training peak is not below lora's
     assert q["forgetting"]["ppl_before"] > 1
 
 

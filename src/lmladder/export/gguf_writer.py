@@ -156,7 +156,7 @@ def _pre_tokenizer_name(tj: dict, source_gguf: str | None) -> tuple[str, str | N
     pre = tj.get("pre_tokenizer") or {}
     kinds = [p.get("type") for p in pre.get("pretokenizers", [])] if pre.get("type") == "Sequence" else [pre.get("type")]
     if kinds == ["ByteLevel"] and pre.get("use_regex", True):
-        return "gpt2", None
+        return "gpt-2", None  # llama.cpp's name (llama-vocab.cpp); "gpt2" is refused as unknown
     if kinds == ["Digits", "ByteLevel"]:
         return "smollm", None
     if kinds == ["Split", "ByteLevel"]:

@@ -389,7 +389,8 @@ def _bits(ids, vocab_size: int) -> torch.Tensor:
 class GrammarLogitsProcessor(LogitsProcessor):
     """One batch of ``generate``: one matcher per row. Rows are left-padded (the
     processor only looks at the last token of each row); a row that produced a stop
-    token is finished and left unmasked (transformers replaces its tokens with pad).
+    token is finished and left unmasked (the decode loop feeds it pads). When rows leave
+    the batch (inference/generate.py), ``select_rows`` keeps the state of those that stay.
 
     ``force_after`` (reasoning with a budget): at that many generated tokens, a row whose
     text has no 'Answer:' yet is steered into ``force_ids`` ("\nAnswer: "), one token per
@@ -444,6 +445,16 @@ class GrammarLogitsProcessor(LogitsProcessor):
         apply_bitmask_(scores, self.bitmask, self.engine.vocab_size)
         self.counters["seconds"] += time.perf_counter() - t0  # the grammar's own cost
         return scores
+
+    def select_rows(self, keep: Sequence[int]) -> None:
+        """Rows ``keep`` (their old indices, in their new order) stay in the batch, the
+        others left it (inference/generate.py): every per-row state follows them."""
+        keep = list(keep)
+        self.matchers = [self.matchers[i] for i in keep]
+        self.done = [self.done[i] for i in keep]
+        self.queue = [self.queue[i] for i in keep]
+        self.close_after = [self.close_after[i] for i in keep]
+        self.bitmask = self.bitmask[keep].contiguous() if keep else self.bitmask[:0]
 
     def _close(self, i: int, generated: list[int]) -> None:
         """Row ``i`` is out of budget: stop when the document is complete; else, inside a

@@ -60,6 +60,7 @@ class Context:
             log.info("loading model %s", self.cfg.model)
             m.model, m.tok, ref = load_causal_lm(self.cfg.model)
             m.info = _model_info(self.cfg.model, m.model, ref, time.perf_counter() - t0)
+            m.info["chat_template"] = bool(getattr(m.tok, "chat_template", None))
         return m.model, m.tok
 
     def set_base(self, model) -> None:
@@ -186,6 +187,9 @@ def _model_info(spec: str, model, ref, seconds: float) -> dict[str, Any]:
     if ref.kind == "openai":  # served elsewhere: no local weights
         return {"spec": spec, "kind": ref.kind, "path": ref.path, "endpoint": model.url, "parameters": None,
                 "tokenizer": os.environ.get("LMLADDER_OPENAI_TOKENIZER") or None, "load_seconds": round(seconds, 2)}
+    if ref.kind == "vllm":  # held by vLLM (inference/vllm_backend.py)
+        return {"spec": spec, "kind": ref.kind, "path": model.path, "parameters": None, "backend": "vllm",
+                "load_seconds": round(seconds, 2)}
     return {
         "spec": spec, "kind": ref.kind, "path": ref.path,
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -44,6 +44,10 @@ def run(cfg: RunConfig, out_dir: Path, force: bool = False) -> dict:
     rung, and at the end of every attempt, a failed or interrupted one included."""
     from lmladder import report, tracking
 
+    if cfg.models and len(cfg.models) > 1:
+        raise LadderError("models: several models climb as a grid: run/grid.run_grid (lmladder run does it)")
+    if cfg.models:
+        cfg = cfg.model_copy(update={"model": cfg.models[0], "models": None})
     multi = distributed.init_distributed()
     main = distributed.is_main()
     if not main:  # one voice: the other ranks log warnings only
@@ -185,7 +189,7 @@ def validate(cfg: RunConfig):
 
 
 def _check_rungs(cfg: RunConfig) -> None:
-    from lmladder.inference import openai_backend
+    from lmladder.inference import openai_backend, vllm_backend
 
     if not cfg.rungs:
         raise LadderError("no rungs to run (--rungs zero-shot,few-shot,lora)")
@@ -203,6 +207,8 @@ def _check_rungs(cfg: RunConfig) -> None:
             raise LadderError(f"rung {r} does not support task kind {cfg.task.kind}")
         if openai_backend.is_openai(cfg.model) and rung_class(r).trains:
             raise LadderError(openai_backend.TRAINING_ERROR.format(rung=r))
+        if vllm_backend.is_vllm(cfg.model) and rung_class(r).trains:
+            raise LadderError(vllm_backend.TRAINING_ERROR.format(rung=r))
 
 
 def _check_metrics(cfg: RunConfig) -> None:

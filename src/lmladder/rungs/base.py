@@ -200,7 +200,8 @@ class PromptRung(Rung):
         return [task.user_message(e, shots_for(e)) for e in examples]
 
     def choose_format(self, shots_for, exclude=()) -> str:
-        """``prompt_format``: chat / plain as set; ``auto``: for label-scoring tasks, the better
+        """``prompt_format``: chat / plain as set; ``auto``: plain for a model without a chat
+        template (a base model); else for label-scoring tasks, the better
         of the two on a dev split of at most DEV_MAX train examples (seeded, never the test
         split; ``exclude``: train examples already in the prompt), ties to chat; otherwise
         chat. Records the choice, both dev scores and the seconds it took in
@@ -213,6 +214,10 @@ class PromptRung(Rung):
         if setting != "auto":
             self.format_info["chosen"] = setting
             return setting
+        _, tok = self.ctx.base()
+        if not getattr(tok, "chat_template", None):  # a base model: plain text is all it knows
+            self.format_info.update(chosen="plain", why="the model has no chat template: plain")
+            return "plain"
         if not self.label_scoring():
             self.format_info.update(chosen="chat", why="not a label-scoring task / constrained: chat")
             return "chat"

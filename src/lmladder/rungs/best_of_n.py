@@ -1,6 +1,7 @@
 """best-of-n: N sampled candidates, the one a verifier prefers wins.
 
-Candidates are the self-consistency samples (cot prompt, one prefill per prompt). The
+Candidates are the self-consistency samples (cot prompt, one prefill per prompt, each
+path stopped at its answer line with ``stop_at_answer``). The
 verifier is, per ``best-of-n.verifier``:
 
 * **programmatic** — the task's own checker ``task.verify(candidate, example)`` (math:
@@ -31,14 +32,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lmladder.rungs.cot import ReasoningRung, reasoning_predict
+from lmladder.rungs.cot import ReasoningRung, StopAtAnswer, reasoning_predict
 from lmladder.rungs.self_consistency import _hashable
 from typing import Literal
 from pydantic import Field, field_validator
 from lmladder.options import SampledOptions
 
 
-class BestOfNConfig(SampledOptions):
+class BestOfNConfig(SampledOptions, StopAtAnswer):
     n: int = Field(4, ge=1, description="Candidates per example.")
     verifier: str = Field(
         "auto",

@@ -8,6 +8,16 @@ turned on too and the answer is read after the closing ``</think>``. Greedy deco
 ``cot.constrained: true`` lets the reasoning run free and constrains the answer line
 with the task's grammar (inference/constrain.py, reasoning mode).
 
+A path stops once its answer line is complete (``stop_at_answer``, default on:
+tasks/base.py ``answer_line_end``): the line holding the last ``Answer:`` marker ends with a
+newline and the task reads its answer from that line alone. What the model would write
+after it is not generated: a small model often goes on for the rest of the token budget
+(a new question, a repeat), which cost time and, when it wrote another ``Answer:``,
+changed the answer read. The text kept ends before that newline, and the task's parser
+reads it unchanged. The path leaves the batch (inference/generate.py), so the paths that
+go on decode in a smaller batch. With native thinking only an answer line after
+``</think>`` counts. A generation answer, which may span lines, never stops early.
+
 Shared by self-consistency and best-of-n (the same prompt, sampled N times).
 """
 
@@ -16,11 +26,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from pydantic import Field
+
 from lmladder.rungs.base import Rung, validate_grammars
-from lmladder.options import ReasoningOptions
+from lmladder.options import ConfigModel, ReasoningOptions
 
 
-class CotConfig(ReasoningOptions):
+class StopAtAnswer(ConfigModel):
+    """The option cot, self-consistency and best-of-n share: stop a path at its answer."""
+
+    stop_at_answer: bool = Field(
+        True,
+        description="Stop a path once its 'Answer:' line is complete (a newline after an answer the task reads "
+        "from that line), instead of decoding to end-of-turn or max_new_tokens; the text kept ends there.",
+    )
+
+
+class CotConfig(ReasoningOptions, StopAtAnswer):
     """Greedy chain-of-thought, answer taken from the final part."""
 
 
@@ -64,10 +86,12 @@ def reasoning_predict(rung, cfg, *, n: int = 1, do_sample: bool = False, desc: s
     examples = ctx.data.test
     messages = [task.user_message(ex, reasoning=cfg.prompt) for ex in examples]
     kwargs = dict(temperature=cfg.temperature, top_p=cfg.top_p) if do_sample else {}
+    stop = getattr(cfg, "stop_at_answer", False)
     preds, info = generate_answers(
         task, model, fmt, messages, examples, desc=desc or rung.name,
         constrained=cfg.constrained, engine=ctx.cfg.constrained.engine,
-        max_new_tokens=cfg.max_new_tokens, reasoning=True, n=n, do_sample=do_sample, **kwargs,
+        max_new_tokens=cfg.max_new_tokens, reasoning=True, n=n, do_sample=do_sample,
+        stop_at_answer=stop, answer_after=THINK_END if mode == "native" else None, **kwargs,
     )
     if mode == "native":
         for i, (rec, ex) in enumerate(zip(preds, examples)):
@@ -79,6 +103,8 @@ def reasoning_predict(rung, cfg, *, n: int = 1, do_sample: bool = False, desc: s
         "mode": mode,
         "answer_marker_rate": sum("answer:" in (c.get("raw") or "").lower() for c in samples) / max(len(samples), 1),
         "max_new_tokens": cfg.max_new_tokens,
+        "stop_at_answer": bool(stop),
+        "stopped_at_answer_share": info["generation"].get("answer_stops", 0) / max(len(samples), 1),
     }
     info["prefill_tokens_per_example"] = info["generation"]["prefill_tokens"] / max(len(examples), 1)
     return preds, info

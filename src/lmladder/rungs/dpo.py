@@ -148,6 +148,12 @@ def trainer_class():
     return PretokenizedDPOTrainer
 
 
+def pair_tokens(rows: list[dict]) -> list[int]:
+    """Tokens a pair puts through the model: chosen and rejected, each padded to the longer
+    (training/memory.py plans the micro-batch on these)."""
+    return [2 * (len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))) for r in rows]
+
+
 def dpo_args(cfg) -> dict[str, Any]:
     """The DPOConfig fields of the method (trl_train.training_args gives the shared ones)."""
     return dict(
@@ -273,6 +279,7 @@ class Dpo(Rung):
                 processing_class=copy.deepcopy(tok),  # TRL may set a pad token: not on the shared tokenizer
                 seed=self.ctx.cfg.seed, name=self.name, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint,
                 work_dir=work, method_args=dpo_args(self.cfg),
+                row_tokens=pair_tokens(self.rows),
             )
         finally:
             unpatch(model)

@@ -306,6 +306,9 @@ class Grpo(Rung):
                 fingerprint=fingerprint, work_dir=work, method_args=self.method_args(),
                 trainer_kwargs={"reward_funcs": funcs, "prompt_ids": self.prompt_ids, "ref_model": ref},
                 rows_per_step=max(1, c.batch_size * c.grad_accum // c.num_generations),
+                # memory_budget_mb: checkpointed layers only (GRPO's batch is its generation groups)
+                row_tokens=[len(ids) + c.max_completion_length for ids in self.prompt_ids.values()],
+                micro_batching=False,
             )
         finally:
             _restore_stops(inner, saved)

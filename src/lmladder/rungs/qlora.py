@@ -28,6 +28,22 @@ class QloraConfig(LoraConfig):
     double_quant: bool = Field(True, description="Quantise the 4-bit scales too (bnb double quantisation).")
 
 
+CPU_NOTE = (
+    "CPU: the 4-bit base saves weight memory only; training's peak is not below lora's. bitsandbytes' CPU path "
+    "dequantises every 4-bit weight to fp32 for each forward and backward matmul (a transient full-precision "
+    "copy per layer call), the shared fp32 base stays loaded beside the 4-bit copy, and at this size the "
+    "activations dominate the peak anyway (docs/benchmarks.md, issue 16). QLoRA saves memory where the weights "
+    "dominate: larger models, on GPUs."
+)
+
+
+def _on_cuda(model) -> bool:
+    try:
+        return next(model.parameters()).device.type == "cuda"
+    except StopIteration:
+        return False
+
+
 def _mb(model) -> float:
     return round(model.get_memory_footprint() / 2**20, 3)
 
@@ -126,6 +142,8 @@ class Qlora(Rung):
         stats["trainable_params"] = self.trainable
         stats["trainable_share"] = weights.share_of_base(self.ctx, self.trainable, self.model)
         forgetting.after(check, self.model, stats)
+        if not _on_cuda(start):
+            memory["note"] = CPU_NOTE
         stats["memory"] = memory
         return stats
 

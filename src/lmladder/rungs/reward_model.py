@@ -272,6 +272,7 @@ class RewardModel(Rung):
                     processing_class=tok_copy, seed=self.ctx.cfg.seed, name=self.name,
                     checkpoint_dir=checkpoints, fingerprint=fp, work_dir=work,
                     method_args={"max_length": None, "remove_unused_columns": False, "dataset_num_proc": None},
+                    row_tokens=[2 * max(len(c), len(r)) for c, r in self.train_pairs],  # both, padded alike
                 )
             if not distributed.is_main():  # under torchrun rank 0 saves and evaluates
                 return stats

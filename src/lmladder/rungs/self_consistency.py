@@ -2,7 +2,9 @@
 
 The N paths of one prompt are sampled in one batched ``generate`` that runs the prompt's
 prefill once and repeats its KV cache N times (inference/generate.py), so N samples cost N
-decodes but one prefill. Each path's answer is extracted with ``task.extract``; answers
+decodes but one prefill. A path stops once its answer line is complete and leaves the
+batch (``stop_at_answer``, as in cot); each path draws with its own seeded generator, so
+its text does not depend on the batch it ran in. Each path's answer is extracted with ``task.extract``; answers
 vote by ``task.vote_key`` (math: the number, extraction: the entity multiset, ...).
 Ties go to the answer sampled first; unparseable samples do not vote; when every
 sample is unparseable the prediction is None with the reason. ``agreement`` is the
@@ -14,11 +16,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from lmladder.rungs.cot import ReasoningRung, reasoning_predict
+from lmladder.rungs.cot import ReasoningRung, StopAtAnswer, reasoning_predict
 from lmladder.options import SampledOptions
 
 
-class SelfConsistencyConfig(SampledOptions):
+class SelfConsistencyConfig(SampledOptions, StopAtAnswer):
     """N sampled reasoning paths, majority vote on the extracted answer."""
 
 

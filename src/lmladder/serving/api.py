@@ -205,10 +205,15 @@ class Metrics:
                 ("lmladder_prompt_tokens_total", "Prompt tokens received."),
                 ("lmladder_adapter_loads_total", "Adapters loaded into memory."),
                 ("lmladder_adapter_evictions_total", "Adapters evicted from the LRU."),
-                ("lmladder_mixed_adapter_batches_total", "Decode batches mixing adapters (PEFT adapter_names)."),
+                ("lmladder_mixed_adapter_batches_total",
+                 "Prefills and decode runs mixing adapters (PEFT adapter_names)."),
+                ("lmladder_decode_steps_total", "Decode steps of the running batch."),
+                ("lmladder_decode_rows_total", "Rows in the running batch, summed over decode steps (/ steps: the "
+                 "mean running batch)."),
             ):
                 out += [f"# HELP {name} {help_}", f"# TYPE {name} counter", f"{name} {self.counters.get(name, 0):g}"]
-            out += ["# HELP lmladder_batch_size Rows per batched decode.", "# TYPE lmladder_batch_size histogram"]
+            out += ["# HELP lmladder_batch_size Rows per batched prefill (rows joining the running batch together).",
+                    "# TYPE lmladder_batch_size histogram"]
             cum = 0
             for b, c in zip(self.BATCH_BUCKETS, self.batch_counts):
                 cum += c

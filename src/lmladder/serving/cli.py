@@ -18,6 +18,8 @@ examples:
   lmladder serve runs/sst2                       # base + the lora rung's adapter
   lmladder serve smollm2-135m --port 8001        # a plain model
   lmladder serve runs/sst2 --adapter v2=runs/sst2-v2/rungs/lora/adapter --api-key "$KEY"
+  lmladder serve runs/sst2 --engine llamacpp     # llama.cpp on CPU: GGUF base + GGUF LoRAs, same API
+  lmladder serve runs/sst2 --engine vllm         # vLLM's OpenAI server (GPU), adapters as LoRA modules
   curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
       -d '{"model": "lora", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}'
 
@@ -74,6 +76,29 @@ def add_arguments(p) -> None:
     p.add_argument("--trust-run-code", action="store_true",
                    help="import Python code the run folder's config names (tools, metric functions); off by "
                    "default: a run folder may come from anyone")
+    # the engine behind the API (serving/engines.py)
+    p.add_argument("--engine", default="builtin", choices=["builtin", "llamacpp", "vllm"],
+                   help="builtin: transformers + PEFT in this process (default); llamacpp: llama.cpp on CPU, the "
+                   "base as GGUF and adapters as GGUF LoRAs (pip install 'lmladder[llamacpp]'); vllm: vLLM's "
+                   "OpenAI server with the adapters as LoRA modules (GPU; pip install vllm)")
+    p.add_argument("--gguf", metavar="FILE", help="llamacpp: serve this GGUF as the base (e.g. a quantized "
+                   "export, or the embedded model's own Q4_1 file) instead of lmladder's f16 export of the base")
+    p.add_argument("--gguf-dtype", default="f16", choices=["f16", "f32"],
+                   help="llamacpp: weights of the base / merged GGUFs lmladder writes (default f16)")
+    p.add_argument("--merge-adapters", action="store_true",
+                   help="llamacpp: serve every adapter merged into a GGUF of its own instead of as a GGUF LoRA")
+    p.add_argument("--ctx-size", type=int, metavar="N",
+                   help="llamacpp: KV cache tokens shared by all parallel requests (default: the model's "
+                   "context, at most 8192)")
+    p.add_argument("--threads", type=int, metavar="N", help="llamacpp: CPU threads (default: all cores)")
+    p.add_argument("--kv-cache", default="f16", choices=["f16", "f32"],
+                   help="llamacpp: type of the KV cache (default f16, llama.cpp's: half the memory; f32: logits "
+                   "as transformers' to ~1e-4)")
+    p.add_argument("--guided-backend", default="xgrammar", choices=["xgrammar", "guidance", "outlines", "auto"],
+                   help="vllm: its structured-output (guided decoding) backend (default xgrammar)")
+    p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
+                   help="vllm: one more argument for vLLM's server, as is (repeatable), e.g. "
+                   "--vllm-arg=--gpu-memory-utilization=0.8")
 
 
 @dataclass
@@ -245,6 +270,9 @@ def main(a) -> int:
         raise LadderError(f"--batch-wait-ms must be >= 0, got {a.batch_wait_ms}")
     if not 0 <= a.port <= 65535:
         raise LadderError(f"--port {a.port}: not a port number")
+    from lmladder.serving.engines import check_engine_flags
+
+    check_engine_flags(a)
     logging.basicConfig(level=getattr(logging, a.log_level.upper()), format="lmladder: %(message)s", stream=sys.stderr)
     for noisy in ("transformers", "peft", "accelerate", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -253,20 +281,36 @@ def main(a) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations are not the user's to fix
     spec = resolve_target(a.target, a.model, a.adapter)
-    predictor, why_not = task_predictor(spec, getattr(a, "rung", None))
+    engine_kind = getattr(a, "engine", "builtin")
+    predictor, why_not = task_predictor(spec, getattr(a, "rung", None)) if engine_kind == "builtin" else (None, None)
     api_key = a.api_key if a.api_key is not None else os.environ.get("LMLADDER_API_KEY") or None
     if not _is_loopback(a.host):
         bar = "!" * 78
         log.warning("%s\nWARNING: binding %s: this server is reachable from other machines.%s\n%s", bar, a.host,
                     "" if api_key else " NO API KEY is set:\nanyone who can reach the port can use the model "
                     "(set --api-key or LMLADDER_API_KEY).", bar)
+    if engine_kind == "vllm":  # vLLM's own server answers; lmladder builds its command and supervises it
+        from lmladder.serving import vllm_engine
+
+        return vllm_engine.run(spec, a, api_key)
     import uvicorn
 
     log.info("loading %s", spec.base_spec)
-    app, engine = build(spec, max_adapters=a.max_adapters, batch_size=a.batch_size, batch_wait_ms=a.batch_wait_ms,
-                        max_queue=a.max_queue, max_tokens_limit=a.max_tokens_limit,
-                        max_body_bytes=a.max_body_bytes, api_key=api_key, predictor=predictor,
-                        predict_unavailable=why_not)
+    if engine_kind == "llamacpp":
+        from lmladder.serving.engines import build_llamacpp
+
+        app, engine, served = build_llamacpp(
+            spec, gguf=a.gguf, gguf_dtype=a.gguf_dtype, merge_adapters=a.merge_adapters, ctx_size=a.ctx_size,
+            threads=a.threads, kv_cache=a.kv_cache, batch_size=a.batch_size, batch_wait_ms=a.batch_wait_ms, max_queue=a.max_queue,
+            max_tokens_limit=a.max_tokens_limit, max_body_bytes=a.max_body_bytes, api_key=api_key)
+        log.info("llama.cpp: base %s (%s), %d threads, %d parallel sequences, %d KV cells; adapters: %s",
+                 served["base"], served["base_from"], served["threads"], served["slots"], served["kv_cells"],
+                 ", ".join(f"{n} ({d['kind']})" for n, d in served["adapters"].items()) or "none")
+    else:
+        app, engine = build(spec, max_adapters=a.max_adapters, batch_size=a.batch_size,
+                            batch_wait_ms=a.batch_wait_ms, max_queue=a.max_queue, max_tokens_limit=a.max_tokens_limit,
+                            max_body_bytes=a.max_body_bytes, api_key=api_key, predictor=predictor,
+                            predict_unavailable=why_not)
     if predictor is not None:
         log.info("POST /v1/predict serves rung %s as the %s task (inputs: %s)", predictor.rung,
                  predictor.cfg.task.kind, ", ".join(predictor.describe()["input_fields"]))

@@ -1,29 +1,45 @@
-"""The model worker: one thread owns the model; requests queue; batches per adapter.
+"""The model worker: one thread owns the model; requests join a running batch between decode steps.
 
-A request becomes a :class:`Job` of one or more :class:`Row` s (one per prompt x n).
-The worker takes the first waiting job, then keeps taking jobs for up to
-``batch_wait_ms`` or until ``batch_size`` rows are waiting; it sorts the rows by
-adapter (apart: rows that need prompt log-probs) and runs one left-padded batched
-decode per chunk of at most ``batch_size`` rows and ``max_adapters`` adapters. A chunk
-with one adapter (or only the base) runs through ``set_adapter`` /
-``disable_adapter()``; a chunk mixing adapters runs as one PEFT mixed-adapter batch
-(``adapter_names=[...]`` per row, ``"__base__"`` for the base).
+A request becomes a :class:`Job` of one or more :class:`Row` s (one per prompt x n). The
+worker runs one batch continuously (continuous batching):
 
-Decoding is a plain KV-cache loop (the same forward passes ``model.generate`` makes for
-greedy search: left padding, attention mask, position ids from the mask), so each row
-can have its own temperature / top_p / stop strings / max_tokens and stream its text
-as it is produced. Finished rows stay in the batch (their tokens are ignored) until
-the whole group is done.
+* **Joining.** Between decode steps, waiting rows join the running batch, first come first
+  served, up to ``batch_size`` rows and ``max_adapters`` distinct adapters (base rows do not
+  count); a row that does not fit waits, and so do the rows behind it. The rows that join
+  together are prefilled as one left-padded batch (:meth:`Engine.generate_group`), take
+  their first token from the prefill's logits, and their KV cache is concatenated to the
+  running one (the narrower of the two left-padded with masked columns; every row keeps its
+  own attention mask and position ids, and rotary positions live in the cached keys, so
+  the column a token sits in does not matter). Rows that need prompt log-probs are
+  prefilled apart (their prefill keeps every position's logits, ``logits_budget`` per
+  prefill) and then decode with the others. An idle worker waits ``batch_wait_ms`` after
+  the first request for others to prefill with it.
+* **Decoding.** One forward pass per step for all the rows of the batch
+  (:meth:`Engine._decode` runs the steps while the batch's rows stay the same): the same
+  forward passes ``model.generate`` makes (attention mask, position ids from it), so each
+  row can have its own temperature / top_p / stop strings / max_tokens / seed / logprobs
+  and stream its text as it is produced. The adapter of each row: ``set_adapter`` /
+  ``disable_adapter()`` when the batch holds one (or only the base), else one PEFT
+  mixed-adapter batch (``adapter_names=[...]`` per row, ``"__base__"`` for the base).
+* **Leaving.** A finished row (end-of-turn, a stop string, ``max_tokens``; a failed or
+  cancelled request) is fed pads until it is dropped from the batch and from the cache:
+  when new rows join (one copy of the cache for both) or when an eighth of the batch has
+  finished (inference/generate.py ``compact_threshold``).
+* **Calls** (``/v1/predict``) run between decode steps, with the batch paused.
+
+A model whose cache is not a plain ``DynamicCache`` (sliding-window layers) cannot merge
+caches: new rows join only when the batch is empty (rows still leave).
 
 Adapters are PEFT LoRA adapters over the one base model, loaded on demand into a
 ``PeftModel`` (``load_adapter``, safetensors only), evicted least-recently-used beyond
-``max_adapters`` (``delete_adapter``).
+``max_adapters`` (``delete_adapter``); an adapter the running batch uses is never evicted.
 
 Isolation: one request can never fail another. A row whose logits are not finite, or
 whose sampling parameters are unusable, fails its own job and leaves the batch. If a
-batched decode raises, its jobs are run again one job at a time (the tokens a row already
-produced are replayed, so text already streamed stays valid); only a job that fails on
-its own gets the error.
+prefill raises, its jobs join again one job at a time; if a decode step raises, the
+batch's jobs are run again one job at a time, alone (the tokens a row already produced
+are replayed, so text already streamed stays valid); only a job that fails on its own
+gets the error.
 """
 
 from __future__ import annotations
@@ -173,6 +189,11 @@ class Engine:
         self._queue: queue.Queue[Job] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # the worker's state: the running batch, rows waiting to join, calls waiting to run
+        self._batch = _Batch()
+        self._pending: collections.deque[Row] = collections.deque()
+        self._calls: collections.deque[Call] = collections.deque()
+        self._waiting = 0  # requests with rows waiting to join (taken off the queue)
 
     # ---- lifecycle -------------------------------------------------------------
     def start(self) -> "Engine":
@@ -192,7 +213,8 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     def queued(self) -> int:
-        return self._queue.qsize()
+        """Requests waiting: in the queue, or taken off it and waiting to join the batch."""
+        return self._queue.qsize() + self._waiting
 
     def submit(self, job: Job) -> None:
         if self._queue.qsize() >= self.max_queue:
@@ -213,34 +235,58 @@ class Engine:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
             try:
-                first = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if isinstance(first, Call):
-                self._run_call(first)
-                continue
-            jobs, calls = [first], []
-            n_rows = len(first.rows)
-            deadline = time.perf_counter() + self.batch_wait
-            while n_rows < self.batch_size:
-                left = deadline - time.perf_counter()
-                try:
-                    job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(job, Call):  # after this batch, on its own
-                    calls.append(job)
-                    continue
-                jobs.append(job)
-                n_rows += len(job.rows)
-            try:
-                self.run_jobs(jobs)
+                self._cycle()
             except BaseException as e:  # never let the worker die
                 log.exception("serve worker: unexpected error")
-                for j in jobs:
-                    j.emit(("error", e))
-            for c in calls:
-                self._run_call(c)
+                self._fail_all(e)
+
+    def _cycle(self) -> None:
+        """Take work, run the calls, let waiting rows join, then decode until the batch's
+        rows change (a step or more)."""
+        b = self._batch
+        if not b.rows and not self._pending and not self._calls:  # idle: wait, then gather
+            try:
+                first = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                return
+            self._take(first)
+            deadline = time.perf_counter() + self.batch_wait
+            while len(self._pending) < self.batch_size:
+                left = deadline - time.perf_counter()
+                try:
+                    item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                self._take(item)
+        else:
+            while self._live_rows() + len(self._pending) < self.batch_size:  # room: what is queued now
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                self._take(item)
+        while self._calls:
+            self._run_call(self._calls.popleft())
+        self._admit()
+        self._run_batch()
+
+    def _take(self, item) -> None:
+        if isinstance(item, Call):
+            self._calls.append(item)
+        elif not item.cancelled:
+            self._pending.extend(item.rows)
+            self._count_waiting()
+
+    def _count_waiting(self) -> None:
+        self._waiting = len({id(r.job) for r in self._pending})
+
+    def _fail_all(self, e: BaseException) -> None:
+        jobs = {id(r.job): r.job for r in list(self._batch.rows) + list(self._pending)}
+        self._batch, self._pending = _Batch(), collections.deque()
+        self._count_waiting()
+        for j in jobs.values():
+            if not j.cancelled:
+                self._fail(j, e)
 
     def _run_call(self, call: Call) -> None:
         import torch
@@ -267,46 +313,76 @@ class Engine:
         call.emit(("done", out))
 
     def run_jobs(self, jobs: list[Job]) -> None:
-        """Rows that need prompt log-probs run apart (their prefill keeps every position's
-        logits). Rows are sorted by adapter and cut into chunks of at most ``batch_size``
-        rows and ``max_adapters`` distinct adapters; a chunk with several adapters runs as
-        one PEFT mixed-adapter batch (``adapter_names=``), one with a single adapter (or
-        only the base) through ``set_adapter`` / ``disable_adapter``."""
-        groups: dict[bool, list[Row]] = collections.defaultdict(list)
+        """Run ``jobs`` to the end on the calling thread (the worker's loop without the
+        queue: rows join as others leave, ``batch_size`` and ``max_adapters`` hold). For
+        tests and tools; never while the worker thread runs."""
         for j in jobs:
-            if not j.cancelled:
-                for r in j.rows:
-                    groups[r.params.prompt_logprobs is not None].append(r)
-        for rows in groups.values():
-            rows.sort(key=lambda r: r.job.adapter or "")
-            chunk: list[Row] = []
-            names: set[str] = set()
-            for r in rows + [None]:
-                a = r.job.adapter if r is not None else None
-                if chunk and (r is None or len(chunk) >= self.batch_size
-                              or (a is not None and a not in names and len(names) >= self.max_adapters)):
-                    self._run_chunk(chunk)
-                    chunk, names = [], set()
-                if r is not None:
-                    chunk.append(r)
-                    if a is not None:
-                        names.add(a)
+            self._take(j)
+        while self._pending or self._batch.rows:
+            before = (len(self._pending), len(self._batch.rows))
+            self._admit()
+            self._run_batch()
+            if not self._batch.rows and (len(self._pending), len(self._batch.rows)) == before and self._pending:
+                raise RuntimeError("serve worker: waiting rows could not join an empty batch")
 
-    def _run_chunk(self, rows: list[Row]) -> None:
-        rows = [r for r in rows if not r.job.failed and not r.job.cancelled]
+    # ---- joining ------------------------------------------------------------------
+    def _live_rows(self) -> int:
+        return sum(not _done(r) for r in self._batch.rows)
+
+    def _admissible(self, r: "Row", live: int, adapters: set) -> bool:
+        b = self._batch
+        if live >= self.batch_size or (b.rows and not b.mergeable):
+            return False
+        a = r.job.adapter
+        return a is None or a in adapters or len(adapters) < self.max_adapters
+
+    def _batch_adapters(self) -> set:
+        return {r.job.adapter for r in self._batch.rows if not _done(r) and r.job.adapter is not None}
+
+    def _can_join(self) -> bool:
+        """Whether the next cycle would let rows join: the first waiting row fits, or there
+        is room for what waits in the queue (a call counts: it runs between steps)."""
+        b = self._batch
+        if b.private:
+            return False
+        if self._calls:
+            return True
+        live = self._live_rows()
+        head = next((r for r in self._pending if not (r.job.failed or r.job.cancelled)), None)
+        if head is not None:
+            return self._admissible(head, live, self._batch_adapters())
+        return live < self.batch_size and self._queue.qsize() > 0
+
+    def _admit(self) -> None:
+        """The waiting rows that fit join the batch, first come first served: one prefill
+        for them (rows that need prompt log-probs: apart, in chunks within
+        ``logits_budget``)."""
+        live, adapters, rows = self._live_rows(), self._batch_adapters(), []
+        while self._pending:
+            r = self._pending[0]
+            if r.job.failed or r.job.cancelled:
+                self._pending.popleft()
+                continue
+            if not self._admissible(r, live + len(rows), adapters):
+                break
+            rows.append(self._pending.popleft())
+            if r.job.adapter is not None:
+                adapters.add(r.job.adapter)
+        self._count_waiting()
         if not rows:
             return
-        if any(r.params.prompt_logprobs is not None for r in rows):
-            # the prefill keeps B x L x vocab fp32 logits: cap that at ~512 MiB per chunk
-            L = max(len(r.prompt_ids) for r in rows)
+        plain = [r for r in rows if r.params.prompt_logprobs is None]
+        if plain:
+            self._join(plain)
+        full = [r for r in rows if r.params.prompt_logprobs is not None]
+        if full:
+            # a prefill that keeps every position's logits holds B x L x vocab fp32: cap it
+            L = max(len(r.prompt_ids) for r in full)
             per = max(1, self.logits_budget // max(1, L * self.vocab_size * 4))
-            if per < len(rows):
-                for k in range(0, len(rows), per):
-                    self._run_chunk_now(rows[k : k + per])
-                return
-        self._run_chunk_now(rows)
+            for k in range(0, len(full), per):
+                self._join(full[k : k + per])
 
-    def _run_chunk_now(self, rows: list[Row]) -> None:
+    def _join(self, rows: list[Row]) -> None:
         try:
             self.generate_group(rows)
             return
@@ -317,7 +393,7 @@ class Engine:
                 for j in jobs:
                     self._fail(j, e)
                 return
-            log.warning("serve worker: a batched decode of %d requests failed (%s: %s); running them again one "
+            log.warning("serve worker: a batched prefill of %d requests failed (%s: %s); joining them again one "
                         "request at a time", len(jobs), type(e).__name__, str(e)[:200])
         for j in jobs:  # isolate: only a job that fails on its own gets the error
             left = [r for r in rows if r.job is j and r.finish_reason is None]
@@ -337,8 +413,87 @@ class Engine:
             job.failed = True
             job.emit(("error", e))
 
+    # ---- the running batch ----------------------------------------------------------
+    def _run_batch(self) -> None:
+        """Decode the running batch until its rows change, then drop its finished rows
+        when enough have finished. A decode step that raises: the batch's jobs run again
+        one job at a time, alone."""
+        import torch
+
+        from lmladder.inference.generate import compact_threshold
+
+        b = self._batch
+        if not b.rows:
+            return
+        try:
+            model, ctx, extra = self._model_for(b.rows)
+            with torch.inference_mode(), ctx:
+                self._decode(model, b.rows, extra)
+        except Exception as e:
+            self._batch = _Batch(private=b.private)
+            self._isolate(b.rows, e)
+            return
+        dead = len(b.rows) - self._live_rows()
+        if dead and (dead == len(b.rows) or dead >= compact_threshold(len(b.rows))):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop the finished rows from the batch and its cache (and the leading columns no
+        row left needs)."""
+        import torch
+
+        from lmladder.inference.generate import select_rows
+
+        b = self._batch
+        keep = [i for i, r in enumerate(b.rows) if not _done(r)]
+        if len(keep) == len(b.rows):
+            return
+        if not keep:
+            self._batch = _Batch(private=b.private)
+            return
+        k = torch.tensor(keep, device=self.device)
+        b.cache, b.attn = select_rows(b.cache, b.attn, k)
+        b.pos, b.feed = b.pos.index_select(0, k), b.feed.index_select(0, k)
+        b.rows = [b.rows[i] for i in keep]
+
+    def _isolate(self, rows: list[Row], e: BaseException) -> None:
+        jobs = [j for j in {id(r.job): r.job for r in rows}.values() if not j.failed and not j.cancelled]
+        if len(jobs) <= 1:
+            log.exception("serve worker: generation failed")
+            for j in jobs:
+                self._fail(j, e)
+            return
+        log.warning("serve worker: a batched decode of %d requests failed (%s: %s); running them again one "
+                    "request at a time", len(jobs), type(e).__name__, str(e)[:200])
+        for j in jobs:  # only a job that fails on its own gets the error
+            left = [r for r in rows if r.job is j and r.finish_reason is None]
+            if left and not j.failed and not j.cancelled:
+                self._run_alone(j, left)
+
+    def _run_alone(self, job: Job, rows: list[Row]) -> None:
+        """Run ``rows`` (one job's) in a batch of their own to the end, replaying the
+        tokens they had produced; the running batch, if any, waits."""
+        saved, self._batch = self._batch, _Batch(private=True)
+        try:
+            for r in rows:
+                r.restart()
+            self.generate_group(rows)
+            while self._batch.rows and not job.failed:
+                b = self._batch
+                model, ctx, extra = self._model_for(b.rows)
+                import torch
+
+                with torch.inference_mode(), ctx:
+                    self._decode(model, b.rows, extra)
+                self._compact()
+        except Exception as e:
+            log.exception("serve worker: generation failed")
+            self._fail(job, e)
+        finally:
+            self._batch = saved
+
     # ---- adapters ----------------------------------------------------------------
-    def _ensure_adapter(self, name: str) -> None:
+    def _ensure_adapter(self, name: str, protect=()) -> None:
         iname = self._internal[name]
         if name in self.loaded:
             self.loaded.move_to_end(name)
@@ -358,8 +513,12 @@ class Engine:
         self.peft.set_adapter(iname)
         self.peft.eval()
         self.loaded[name] = path
+        busy = self._batch_adapters() | set(protect) | {name}  # never evict what the batch decodes with
         while len(self.loaded) > self.max_adapters:
-            old, _ = self.loaded.popitem(last=False)
+            old = next((a for a in self.loaded if a not in busy), None)
+            if old is None:  # all in use (a call beside a full batch): one more until one is free
+                break
+            del self.loaded[old]
             self.peft.delete_adapter(self._internal[old])
             log.info("adapter %s evicted (--max-adapters %d)", old, self.max_adapters)
             if self.metrics:
@@ -370,35 +529,44 @@ class Engine:
             self.metrics.inc("lmladder_adapter_loads_total")
 
     def _model_for(self, rows: list[Row]):
-        """(model, context manager, extra forward kwargs) for a chunk of rows."""
-        names = list(dict.fromkeys(r.job.adapter for r in rows))
+        """(model, context manager, extra forward kwargs) for a batch of rows: the adapters
+        of its live rows (a finished row still in the batch runs on whatever is cheapest)."""
+        live = [r for r in rows if not _done(r)] or rows
+        names = list(dict.fromkeys(r.job.adapter for r in live))
         if names == [None]:
             if self.peft is None:
                 return self.base_model, contextlib.nullcontext(), {}
             return self.peft, self.peft.disable_adapter(), {}
         for a in names:
             if a is not None:
-                self._ensure_adapter(a)
+                self._ensure_adapter(a, protect=[x for x in names if x is not None])
         if len(names) == 1:
             self.peft.set_adapter(self._internal[names[0]])
             return self.peft, contextlib.nullcontext(), {}
-        per_row = [self._internal[r.job.adapter] if r.job.adapter else "__base__" for r in rows]
+        per_row = [self._internal[r.job.adapter] if r.job.adapter and not _done(r) else "__base__" for r in rows]
         if self.metrics:
             self.metrics.inc("lmladder_mixed_adapter_batches_total")
         return self.peft, contextlib.nullcontext(), {"adapter_names": per_row}
 
     # ---- decoding ----------------------------------------------------------------
     def generate_group(self, rows: list[Row]) -> None:
+        """Rows join the running batch: one batched prefill, their first token, their KV
+        cache concatenated to the batch's (:meth:`_merge`)."""
         import torch
 
+        rows = [r for r in rows if not r.job.failed and not r.job.cancelled]
+        if not rows:
+            return
         model, ctx, extra = self._model_for(rows)
         if self.metrics:
             self.metrics.observe_batch(len(rows))
         with torch.inference_mode(), ctx:
-            self._decode(model, rows, extra)
+            self._prefill(model, rows, extra)
 
-    def _decode(self, model, rows: list[Row], extra: dict) -> None:
+    def _prefill(self, model, rows: list[Row], extra: dict) -> None:
         import torch
+
+        from lmladder.inference.generate import positions
 
         dev = self.device
         B = len(rows)
@@ -410,73 +578,112 @@ class Engine:
             ids[i, L - n :] = torch.tensor(r.prompt_ids, dtype=torch.long)
             attn[i, L - n :] = 1
         ids, attn = ids.to(dev), attn.to(dev)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        pos = positions(attn)
         full = any(r.params.prompt_logprobs is not None for r in rows)
-        max_new = max(r.params.max_tokens for r in rows)
         for r in rows:
             if r.params.seed is not None and r.params.temperature > 0:
                 r.generator = torch.Generator(device=dev).manual_seed(int(r.params.seed) + r.index)
-
-        out = model(
-            input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=max_new > 0,
-            logits_to_keep=0 if full else 1, **extra,
-        )
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos,
+                    use_cache=any(r.params.max_tokens > 0 for r in rows), logits_to_keep=0 if full else 1, **extra)
         if full:
             self._prompt_logprobs(out.logits, rows, L)
-        active = [True] * B
-        for i, r in enumerate(rows):
-            if r.params.max_tokens == 0:
+        for r in rows:
+            if r.params.max_tokens == 0 and not r.job.failed:
                 self._finish(r, "length")
-                active[i] = False
-            elif r.job.failed:
-                active[i] = False
-        if not any(active):
-            return
         logits = out.logits[:, -1, :]
-        past = out.past_key_values
+        cache = out.past_key_values
         del out
-        replay = any(r.forced for r in rows)
-        for _step in range(max_new):
-            bad = ~torch.isfinite(logits.amax(dim=-1))  # a NaN or +inf anywhere, or all -inf
-            if bool(bad.any()):
-                for i in bad.nonzero()[:, 0].tolist():
-                    if active[i]:
-                        self._fail(rows[i].job, RowFailed("the model produced non-finite logits for this request"))
-                        active[i] = False
-            nxt = self._choose(logits, rows, active)
-            if replay:
-                for i, r in enumerate(rows):
-                    if active[i] and len(r.ids) < len(r.forced):
-                        nxt[i] = r.forced[len(r.ids)]
-            want_lp = [active[i] and rows[i].params.logprobs is not None for i in range(B)]
-            lps = torch.log_softmax(logits.float(), dim=-1) if any(want_lp) else None
-            nxt_list = nxt.tolist()
-            n_new = 0
-            for i, r in enumerate(rows):
-                if not active[i]:
-                    continue
-                if r.job.cancelled or r.job.failed:
-                    active[i] = False
-                    continue
-                n_new += 1
-                active[i] = self._advance(r, nxt_list[i], lps[i] if want_lp[i] else None)
-            if self.metrics and n_new:
-                self.metrics.inc("lmladder_generated_tokens_total", n_new)
-            if not any(active):
-                break
-            feed = nxt.clone()
-            feed[~torch.tensor(active, device=dev)] = self.pad_id
-            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=dev)], dim=1)
-            pos = pos[:, -1:] + 1
-            out = model(
-                input_ids=feed[:, None], attention_mask=attn, position_ids=pos,
-                past_key_values=past, use_cache=True, **extra,
-            )
+        feed = self._pick(logits, rows)
+        keep = [i for i, r in enumerate(rows) if not _done(r)]
+        if keep:
+            self._merge([rows[i] for i in keep], keep, cache, attn, pos[:, -1] + 1, feed)
+
+    def _merge(self, rows: list[Row], keep: list[int], cache, attn, pos, feed) -> None:
+        """Put prefilled ``rows`` (``keep``: their indices in the prefill) into the running
+        batch; its finished rows leave at the same time (one copy of the cache for both)."""
+        import torch
+
+        from lmladder.inference.generate import cache_plain, concat, select_rows
+
+        k = torch.tensor(keep, device=self.device)
+        if len(keep) < attn.shape[0]:
+            cache, attn = select_rows(cache, attn, k)
+            pos, feed = pos.index_select(0, k), feed.index_select(0, k)
+        self._compact()
+        b = self._batch
+        if not b.rows:
+            b.rows, b.cache, b.attn, b.pos, b.feed = list(rows), cache, attn, pos, feed
+            b.mergeable = cache_plain(cache)
+            return
+        if not (b.mergeable and cache_plain(cache)):  # cannot merge: wait for the batch to end
+            for r in reversed(rows):
+                r.restart()
+                self._pending.appendleft(r)
+            self._count_waiting()
+            return
+        b.cache, b.attn = concat(b.cache, b.attn, cache, attn)
+        b.pos, b.feed = torch.cat([b.pos, pos]), torch.cat([b.feed, feed])
+        b.rows = b.rows + list(rows)
+
+    def _decode(self, model, rows: list[Row], extra: dict) -> None:
+        """Decode steps of the running batch (``rows``: its rows; row ``i`` of every forward
+        pass here is ``rows[i]``) until its rows change: every row finished, an eighth of
+        them finished (they are dropped), or waiting work can join / a call waits."""
+        import torch
+
+        from lmladder.inference.generate import compact_threshold
+
+        b = self._batch
+        B = len(rows)
+        dev = self.device
+        while True:
+            attn = torch.cat([b.attn, torch.ones((B, 1), dtype=b.attn.dtype, device=dev)], dim=1)
+            out = model(input_ids=b.feed[:, None], attention_mask=attn, position_ids=b.pos[:, None],
+                        past_key_values=b.cache, use_cache=True, **extra)
+            b.attn, b.pos = attn, b.pos + 1
             logits = out.logits[:, -1, :]
-            past = out.past_key_values
-        for i, r in enumerate(rows):  # safety net: a row not finished by the loop
-            if active[i]:
-                self._finish(r, "length")
+            del out
+            b.feed = self._pick(logits, rows)
+            if self.metrics:
+                self.metrics.inc("lmladder_decode_steps_total")
+                self.metrics.inc("lmladder_decode_rows_total", B)
+            dead = B - self._live_rows()
+            if dead == B or dead >= compact_threshold(B) or self._can_join():
+                return
+
+    def _pick(self, logits, rows: list[Row]):
+        """Each live row takes its next token from ``logits`` (checks, sampling, replay,
+        log-probs, stop conditions, streaming); returns the tokens to feed (pads for the
+        finished rows)."""
+        import torch
+
+        B = len(rows)
+        active = [not _done(r) for r in rows]
+        bad = ~torch.isfinite(logits.amax(dim=-1))  # a NaN or +inf anywhere, or all -inf
+        if bool(bad.any()):
+            for i in bad.nonzero()[:, 0].tolist():
+                if active[i]:
+                    self._fail(rows[i].job, RowFailed("the model produced non-finite logits for this request"))
+                    active[i] = False
+        nxt = self._choose(logits, rows, active)
+        for i, r in enumerate(rows):
+            if active[i] and len(r.ids) < len(r.forced):  # a retried row replays its tokens
+                nxt[i] = r.forced[len(r.ids)]
+        want_lp = [active[i] and rows[i].params.logprobs is not None for i in range(B)]
+        lps = torch.log_softmax(logits.float(), dim=-1) if any(want_lp) else None
+        n_new = 0
+        for i, (r, t) in enumerate(zip(rows, nxt.tolist())):
+            if not active[i] or r.job.cancelled or r.job.failed:
+                active[i] = False
+                continue
+            n_new += 1
+            active[i] = self._advance(r, t, lps[i] if want_lp[i] else None)
+        if self.metrics and n_new:
+            self.metrics.inc("lmladder_generated_tokens_total", n_new)
+        feed = nxt.clone()
+        if not all(active):
+            feed[~torch.tensor(active, device=feed.device)] = self.pad_id
+        return feed
 
     def _advance(self, r: Row, t: int, lps) -> bool:
         """Row ``r`` takes token ``t`` (``lps``: this step's log-probs when the row asked for
@@ -567,6 +774,25 @@ class Engine:
         if not r.text and r.ids and reason != "stop":
             r.text = self.decode([x for x in r.ids if x not in self.eos_ids])
         r.job.emit(("done", r.index, r))
+
+
+class _Batch:
+    """The running batch: its rows, their KV cache, attention mask (rows x columns), and
+    per row the next position id and the next token to feed. ``private``: a retry that
+    runs one request alone (nothing joins it)."""
+
+    def __init__(self, private: bool = False):
+        self.rows: list[Row] = []
+        self.cache = None
+        self.attn = self.pos = self.feed = None
+        self.mergeable = True  # a plain DynamicCache: new rows can join while others run
+        self.private = private
+
+
+def _done(r: Row) -> bool:
+    """The row is finished (or its request failed or was cancelled): it is fed pads until
+    it leaves the batch."""
+    return r.finish_reason is not None or r.job.failed or r.job.cancelled
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:

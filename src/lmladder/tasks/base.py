@@ -230,10 +230,15 @@ class Task:
 
 def generate_answers(task: Task, model, fmt, messages, examples=None, *, desc="", constrained=False,
                      engine="xgrammar", max_new_tokens=None, reasoning=False, n=1,
-                     do_sample=False, temperature=1.0, top_p=1.0, prefix: str = ""):
+                     do_sample=False, temperature=1.0, top_p=1.0, prefix: str = "",
+                     stop_at_answer: bool = False, answer_after: str | None = None):
     """Generate for every message and parse: the path shared by direct-answer and
     reasoning rungs. Returns (predictions, info); with ``n > 1`` each prediction holds
-    ``samples`` (the n parsed candidates) and ``pred`` is the first."""
+    ``samples`` (the n parsed candidates) and ``pred`` is the first.
+
+    ``stop_at_answer`` (reasoning): a path stops once its answer line is complete
+    (:func:`answer_line_end`; ``answer_after``: only an answer line after the last
+    occurrence of that text counts, e.g. ``</think>``) and its text ends there."""
     from lmladder.inference.generate import generate
 
     if hasattr(model, "label_loglikelihoods"):
@@ -254,14 +259,19 @@ def generate_answers(task: Task, model, fmt, messages, examples=None, *, desc=""
 
             raise LadderError(f"constrained decoding: task kind {task.kind} has no grammar for its answers")
         processors = constrain.processor_factory(tok, grammars, engine=engine, reasoning=reasoning)
+    exs = list(examples) if examples is not None else [None] * len(messages)
+
+    def at_answer(i: int, text: str) -> int | None:
+        return answer_line_end(task, text, exs[i], after=answer_after)
+
+    stop_at = at_answer if stop_at_answer and reasoning else None
     texts, stats = generate(
         model, tok, ids,
         max_new_tokens=max_new_tokens or task.eval_cfg.max_new_tokens,
         n=n, do_sample=do_sample, temperature=temperature, top_p=top_p,
         batch_size=task.eval_cfg.gen_batch_size, seed=task.seed, processors=processors, desc=desc,
-        max_batch_tokens=getattr(task.eval_cfg, "max_batch_tokens", None),
+        max_batch_tokens=getattr(task.eval_cfg, "max_batch_tokens", None), stop_at=stop_at,
     )
-    exs = list(examples) if examples is not None else [None] * len(messages)
     parse = task.extract if reasoning else task.parse
     preds = []
     for outs, ex in zip(texts, exs):
@@ -282,3 +292,42 @@ def generate_answers(task: Task, model, fmt, messages, examples=None, *, desc=""
         "constrained": bool(constrained),
     }
     return preds, info
+
+
+_NEXT_LINE = "\n\u2026"  # a line more, written after an answer line: does the task still read the same?
+
+
+def answer_line_end(task: Task, text: str, example=None, after: str | None = None) -> int | None:
+    """Where a reasoning text's answer line ends, once it is complete; None until then.
+
+    The answer line holds the last ``Answer:`` marker (``ANSWER_RE``) and is complete at
+    the newline that ends it, when the task reads an answer from that line alone
+    (``task.parse`` gives a value) and a line more would not change what it reads (so a
+    generation answer, which may span lines, never ends here; a JSON value opened on the
+    line and closed lines later does not either). The position returned is that newline's:
+    the text kept ends before it, and ``task.extract`` reads from it what it reads from
+    the answer line. ``after``: only text after its last occurrence counts (native
+    thinking: ``</think>``)."""
+    start = 0
+    if after:
+        k = text.rfind(after)
+        if k < 0:
+            return None
+        start = k + len(after)
+    marker = None
+    for marker in ANSWER_RE.finditer(text, start):
+        pass
+    if marker is None:
+        return None
+    end = text.find("\n", marker.end())
+    line = text[marker.end():end] if end >= 0 else ""
+    if end < 0 or not line.strip():
+        return None
+    try:
+        value, _ = task.parse(line, example)
+        if value is None:
+            return None
+        again, _ = task.parse(line + _NEXT_LINE, example)
+    except Exception:  # noqa: BLE001 - a parser that cannot read a partial text: go on
+        return None
+    return end if again == value else None

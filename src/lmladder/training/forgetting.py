@@ -68,8 +68,13 @@ def token_chunks(tokenizer, texts: list[str], max_tokens: int, max_len: int = 25
     return chunks
 
 
-def perplexity(model, chunks: list[list[int]], pad_id: int, batch_size: int = 4) -> float:
-    """exp(mean next-token NLL) over every token but each chunk's first."""
+def perplexity(model, chunks: list[list[int]], pad_id: int, batch_size: int = 1) -> float:
+    """exp(mean next-token NLL) over every token but each chunk's first.
+
+    One chunk per forward by default, the targets' padding ignored by the loss itself (no
+    boolean-indexed copy of the logits), every tensor dropped before the next forward: the
+    check's transient memory is one chunk's ``length x vocab`` logits and their log-softmax
+    (~100 MB for a 49k vocabulary), not four chunks' logits three times over (issue 16)."""
     import torch
     import torch.nn.functional as F
 
@@ -87,11 +92,12 @@ def perplexity(model, chunks: list[list[int]], pad_id: int, batch_size: int = 4)
                 ids[b, : len(c)] = torch.tensor(c)
                 mask[b, : len(c)] = 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-            logits = logits[:, -T:][:, :-1].float()
-            target = ids[:, 1:].to(device)
-            valid = mask[:, 1:].bool().to(device)
-            nll += F.cross_entropy(logits[valid], target[valid], reduction="sum").item()
-            count += int(valid.sum())
+            logits = logits[:, -T:][:, :-1]
+            target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).to(device)
+            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                                   ignore_index=-100, reduction="sum").item()
+            count += int(mask[:, 1:].sum())
+            del logits, target
     if was_training:
         model.train()
     return math.exp(nll / max(count, 1))

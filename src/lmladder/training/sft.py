@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,7 @@ from lmladder.errors import LadderError
 from lmladder.prompts import ChatFormat, response_ids
 from lmladder.run.distributed import SHARDING_ERROR, dist_env, sharding_requested, split_global_batch
 from lmladder.training.checkpoints import AtomicCheckpoints, checkpoint_step, prepare_checkpoint_dir
+from lmladder.training import lean, memory
 from lmladder.training.hf_train import common_args, run_trainer, total_steps
 
 IGNORE = -100
@@ -387,6 +389,8 @@ def train(
     _check_first_batch(tokenizer, feats, answers, cfg.batch_size)
     data = _data(feats, extra, cfg, seed, batch.size, _pad_id(tokenizer),
                  n_virtual=n_virtual, no_packing_reason=no_packing_reason, name=name)
+    mem = _memory_plan(model, cfg, data, batch, n_virtual, name)
+    batch = _Batch(rank=batch.rank, world=batch.world, micro=mem.micro, accum=mem.accum, size=batch.size)
     plan = _plan(cfg, data, batch, checkpoint_dir, fingerprint, work_dir, dev_metric, name)
     args = _training_args(cfg, plan, batch, seed)
     if batch.world > 1:
@@ -394,13 +398,48 @@ def train(
                  name, batch.world, batch.micro, batch.accum, batch.size)
     metric_curve: list[list] = []  # [step, dev task metric], filled at each evaluation
     callbacks = _callbacks(cfg, plan, dev_metric, data.dev_idx, metric_curve)
-    trainer = _trainer(model, args, data, plan, callbacks, loss_fn)
+    trainer = _trainer(model, args, data, plan, callbacks, loss_fn, drop_mask=_mask_droppable(model, n_virtual))
     if plan.resume:
         log.info("%s: resuming from %s", name, plan.resume)
-    out, seconds = run_trainer(trainer, plan.run, tracking.label(plan.out_dir, name), data.tokens_per_step,
-                               resume=plan.resume)
+    # the lean pieces (training/lean.py) are undone on the way out: the model goes back as it came
+    # large freed blocks go back to the system where micro-batches are long (they are checkpointed then)
+    long = bool(mem.checkpoint_layers)
+    with lean.fused_lora_dropout(model) as n_fused, lean.large_blocks_returned() if long else nullcontext(), \
+            lean.checkpoint_layers(model, mem.layers_for if mem.checkpoint_layers else 0) as ck:
+        out, seconds = run_trainer(trainer, plan.run, tracking.label(plan.out_dir, name), data.tokens_per_step,
+                                   resume=plan.resume)
     model.eval()
-    return _stats(out, seconds, trainer, feats, data, plan, batch, metric_curve, no_packing_reason)
+    stats = _stats(out, seconds, trainer, feats, data, plan, batch, metric_curve, no_packing_reason)
+    stats["memory_plan"] = memory.report(mem, ck, n_fused)
+    return stats
+
+
+def _memory_plan(model, cfg, data: "_Data", batch: "_Batch", n_virtual: int, name: str):
+    """The micro-batch and checkpointed layers for ``cfg.memory_budget_mb`` (training/memory.py),
+    at the config's global batch; the longest micro-batch row counts (packed or not)."""
+    lengths = [r["length"] + n_virtual for r in data.rows] or [1]
+    # prefix tuning's prefix travels in past_key_values, which a checkpointed layer drops: micro-batches only
+    mem = memory.plan(model, lengths, batch.micro, batch.accum, getattr(cfg, "memory_budget_mb", None),
+                      full_checkpointing=bool(cfg.gradient_checkpointing), layers=not _prompt_learning(model))
+    log.info("%s: memory budget %d MB%s: micro-batch %d x grad_accum %d%s (planned peak ~%d MB)", name,
+             mem.budget_mb, " (auto)" if mem.auto_budget else "", mem.micro, mem.accum,
+             f", {mem.checkpoint_layers} layer(s) checkpointed" if mem.checkpoint_layers else "", mem.estimate_mb)
+    return mem
+
+
+def _prompt_learning(model) -> bool:
+    """A PEFT prompt-learning model (prompt / prefix tuning): virtual tokens in front, or a
+    prefix in ``past_key_values`` (which a checkpointed layer would drop)."""
+    peft = getattr(model, "peft_config", None) or {}
+    return isinstance(peft, dict) and any(getattr(c, "is_prompt_learning", False) for c in peft.values())
+
+
+def _mask_droppable(model, n_virtual: int) -> bool:
+    """Right-padded batches may go without their attention mask (lean.causal_padding_ok checks
+    each batch): a decoder-only model without prompt-learning tokens."""
+    cfg = getattr(model, "config", None)
+    return (not n_virtual and not _prompt_learning(model) and cfg is not None
+            and not getattr(cfg, "is_encoder_decoder", False))
 
 
 @dataclass
@@ -578,7 +617,7 @@ def _dev_metric_callback(dev_metric, dev_idx: list[int], metric_curve: list[list
     return _DevMetric()
 
 
-def _trainer(model, args, data: _Data, plan: _Plan, callbacks: list, loss_fn):
+def _trainer(model, args, data: _Data, plan: _Plan, callbacks: list, loss_fn, drop_mask: bool = False):
     """Trainer with atomic checkpoints, the global-batch sampler, and the loss on the
     supervised tokens (``token_loss``, or ``loss_fn`` with ``extra``'s fields)."""
     from transformers import Trainer
@@ -593,6 +632,8 @@ def _trainer(model, args, data: _Data, plan: _Plan, callbacks: list, loss_fn):
         def compute_loss(self, model, inputs, *args, **kwargs):
             if fields:  # not model inputs: handed to loss_fn
                 stash.update({k: inputs.pop(k) for k in fields})
+            if drop_mask and "attention_mask" in inputs and lean.causal_padding_ok(model, inputs):
+                inputs.pop("attention_mask")  # SDPA's causal kernel, no T x T mask per layer
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     def _loss(outputs, labels, num_items_in_batch=None):

@@ -21,6 +21,7 @@ Use::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -88,27 +89,59 @@ def run(
     method_args: dict[str, Any] | None = None,
     trainer_kwargs: dict[str, Any] | None = None,
     rows_per_step: int | None = None,
+    row_tokens: list[int] | None = None,
+    micro_batching: bool = True,
 ) -> dict[str, Any]:
     """Train ``model`` with ``trainer_cls`` (a TRL trainer) and ``config_cls(**shared args,
     **method_args)``. Checkpoints (atomic, resumable) when ``checkpoint_dir`` is given and
-    ``cfg.checkpoints``; else ``work_dir`` is scratch. Returns the stats the report shows."""
+    ``cfg.checkpoints``; else ``work_dir`` is scratch. Returns the stats the report shows.
+
+    ``row_tokens``: the tokens one train row puts through the model (DPO: chosen and rejected,
+    each padded to the longer). With it, ``cfg.memory_budget_mb`` is honoured
+    (training/memory.py): the micro-batch (``micro_batching``; the global batch unchanged) and,
+    for micro-batches longer than the budget holds, layers checkpointed (training/lean.py),
+    with LoRA dropout fused; the plan is reported as ``memory_plan``."""
     from transformers import set_seed
+
+    from lmladder.training import lean, memory
 
     set_seed(seed)
     steps = total_steps(cfg, len(train_dataset), rows_per_step)
     save, resume, out_dir = _output_dir(cfg, checkpoint_dir, fingerprint, work_dir, name)
     run_name = tracking.run_name(out_dir, name)  # --report-to: this rung's own tracked run
-    args = config_cls(**{**training_args(cfg, out_dir, seed, steps, save, run_name), **(method_args or {})})
+    shared = training_args(cfg, out_dir, seed, steps, save, run_name)
+    mem = None
+    if row_tokens:
+        micro, accum = shared["per_device_train_batch_size"], shared["gradient_accumulation_steps"]
+        mem = memory.plan(model, row_tokens, micro, 1 if not micro_batching else accum,
+                          getattr(cfg, "memory_budget_mb", None), full_checkpointing=bool(cfg.gradient_checkpointing),
+                          **({} if micro_batching else {"cap_tokens": 10**9}))
+        if micro_batching:
+            shared["per_device_train_batch_size"], shared["gradient_accumulation_steps"] = mem.micro, mem.accum
+        log.info("%s: memory budget %d MB%s: micro-batch %d x grad_accum %d, micro-batches over %d tokens "
+                 "checkpoint layers (planned peak ~%d MB)", name, mem.budget_mb, " (auto)" if mem.auto_budget else "",
+                 shared["per_device_train_batch_size"], shared["gradient_accumulation_steps"], mem.fit_tokens,
+                 mem.estimate_mb)
+    args = config_cls(**{**shared, **(method_args or {})})
     trainer = _atomic(trainer_cls)(model=model, args=args, train_dataset=train_dataset,
                                    processing_class=processing_class, **(trainer_kwargs or {}))
     if resume:
         log.info("%s: resuming from %s", name, resume)
-    # bar / lines, not a dict per step: curves keep them
-    out, seconds = run_trainer(trainer, run_name, tracking.label(out_dir, name), resume=resume)
+    # bar / lines, not a dict per step: curves keep them; the lean pieces are undone on the way out
+    with lean.fused_lora_dropout(model) if mem else contextlib.nullcontext(0) as n_fused, \
+            lean.large_blocks_returned() if mem and mem.checkpoint_layers else contextlib.nullcontext(False), \
+            lean.small_logprob_tiles(model) if mem else contextlib.nullcontext(None), \
+            lean.checkpoint_layers(model, mem.layers_for if mem and mem.checkpoint_layers else 0) as ck:
+        out, seconds = run_trainer(trainer, run_name, tracking.label(out_dir, name), resume=resume)
     if not save:
         shutil.rmtree(out_dir, ignore_errors=True)
     model.eval()
-    return _stats(trainer_cls, out, seconds, trainer.state.log_history, resume, len(train_dataset))
+    stats = _stats(trainer_cls, out, seconds, trainer.state.log_history, resume, len(train_dataset))
+    if mem:
+        stats["memory_plan"] = memory.report(mem, ck, n_fused)
+        stats["per_device_batch"] = args.per_device_train_batch_size
+        stats["grad_accum_per_device"] = args.gradient_accumulation_steps
+    return stats
 
 
 def _atomic(trainer_cls):
