@@ -112,7 +112,6 @@ def trl_side(cfg, base, tok, rows, steps: int, seed: int, work: Path) -> dict:
 
 def memory_child(side: str, a) -> dict:
     """One side of the memory comparison, in this (fresh) process."""
-    import json
     import resource
 
     import torch
@@ -202,7 +201,6 @@ def _watched(cmd, env, kill_mb: int, scratch: Path) -> tuple[bool, float]:
 
 def memory_main(a) -> None:
     import json
-    import subprocess
     import sys
 
     results = []

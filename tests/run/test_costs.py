@@ -124,10 +124,10 @@ def test_lora_per_call_is_within_15_percent_of_zero_shot(tiny_dir, toy_data, tmp
             task.predict(model, fmt, msgs, exs)
 
         merged()
-        t_merged = _min_time(merged)
+        t_merged = _min_time(merged, 15)  # the best of many: a busy machine adds, never takes away
     rung.close()
     assert not any("lora_" in n for n, _ in base.named_parameters())
-    t_zero = min(t_zero, _min_time(zero))
+    t_zero = min(t_zero, _min_time(zero, 15))
     print(f"zero {t_zero:.4f}s merged {t_merged:.4f}s unmerged {t_unmerged:.4f}s")
     assert t_merged <= 1.15 * t_zero, (t_merged, t_zero, t_unmerged)
 
